@@ -1,0 +1,299 @@
+"""Step 1 of the pipeline: get MATH-lighteval and a Qwen2.5 checkpoint, write the prompt set.
+
+    # download (modelscope; needs network)
+    python prepare.py download --local_dir dataset/MATH-lighteval
+    python prepare.py download-model --model Qwen/Qwen2.5-7B-Instruct --local_dir Qwen2.5-7B-Instruct
+    # preprocess: dataset/MATH-lighteval/data/{train,test}-*.parquet -> train.json, test.json
+    python prepare.py --input_dir dataset/MATH-lighteval --local_dir dataset/MATH-lighteval
+
+Each output line is one prompt in the layout the reference pipeline (ChatLearn / verl) uses:
+
+    {"data_source": "DigitalLearningGmbH/MATH-lighteval",
+     "prompt": [{"role": "user", "content": "<problem> Let's think step by step and output
+                 the final answer within \\boxed{}."}],
+     "ability": "math",
+     "reward_model": {"style": "rule", "ground_truth": "<content of the solution's last box>"},
+     "extra_info": {"split": "train", "index": 0, "level": "Level 2", "type": "Algebra"}}
+
+The ground truth is what the *reference solution* put in its last \\boxed{}; the reward in
+grpo.py pulls the last box out of the *model's* answer with the same `last_boxed`, so both
+sides of the comparison are extracted by one function.
+
+This module also holds the reward (`math_reward`, `score_responses`): it is plain Python with
+no GPU imports, so the reward's worker processes start fast and tests import it cheaply.
+"""
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
+MODELSCOPE_DATASET = "AI-ModelScope/MATH-lighteval"
+# The instruction the reference example appends; the reward only looks inside \boxed{}, so
+# the model has to learn to put its answer there.
+INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+COLUMNS = ("problem", "level", "type", "solution")
+
+
+def die(msg):
+    """A user mistake or an unreachable resource: one line on stderr, exit code 1, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer extraction
+# ----------------------------------------------------------------------------------------------
+def last_boxed(text):
+    """Content of the last \\boxed{...} or \\fbox{...} in `text`, braces matched; None if there is
+    no box or the last one is never closed.
+
+    Braces are counted, not regex-matched, because answers nest them (\\frac{1}{2}). The *last*
+    box counts: solutions box intermediate results too, and a model that corrects itself boxes
+    its final answer last. An unclosed last box (a response cut off by the token budget) is no
+    answer, even if an earlier box was complete: we do not guess what the model meant.
+
+    Example:
+        last_boxed(r"so \\boxed{1} or rather \\boxed{\\frac{1}{2}}.")  ->  r"\\frac{1}{2}"
+        last_boxed(r"\\boxed{1} then \\boxed{\\frac{1}{2")             ->  None
+    """
+    if not text:
+        return None
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward
+# ----------------------------------------------------------------------------------------------
+def math_reward(response, ground_truth, timeout_s=5):
+    """1.0 if the last box of `response` is mathematically equal to `ground_truth`, else 0.0.
+
+    Both sides go through math-verify as "\\boxed{...}" so that equal values written differently
+    match: 1/2 = 0.5 = \\dfrac12, 1,000 = 1000, x=3 vs 3, 90^\\circ vs 90, intervals, tuples.
+    math-verify parses LaTeX into sympy; no model text is ever eval'ed.
+
+    Never raises and never hangs: sympy can loop for minutes on adversarial input, so each parse
+    and compare is bounded by math-verify's SIGALRM timeout (main thread only; elsewhere it runs
+    unbounded and `score_responses`' deadline is the guard), and any error scores 0.
+    """
+    pred_box = last_boxed(response)
+    if pred_box is None or ground_truth is None:
+        return 0.0
+    from math_verify import parse, verify
+    t = timeout_s if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = parse("\\boxed{" + ground_truth + "}", parsing_timeout=t)
+        pred = parse("\\boxed{" + pred_box + "}", parsing_timeout=t)
+        if not gold or not pred:
+            return 0.0
+        return 1.0 if verify(gold, pred, timeout_seconds=t) else 0.0
+    except BaseException:  # math-verify's TimeoutException, sympy errors, RecursionError
+        return 0.0
+
+
+def _reward_worker_init():
+    # Workers ignore Ctrl-C: the parent decides when to stop them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _reward_chunk(args):
+    responses, truths, timeout_s = args
+    return [math_reward(r, g, timeout_s) for r, g in zip(responses, truths)]
+
+
+_POOL = None
+
+
+def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, deadline_s=60.0):
+    """Rewards for a batch, scored in `num_workers` processes; list of floats.
+
+    Why processes: math-verify's timeouts use SIGALRM, which only fires in a main thread, and
+    one slow sympy comparison must not stall a rank that 7 others wait for at the next
+    collective. The pool is started once with "forkserver" (a clean process that never touched
+    CUDA or vLLM; forking the trainer itself is unsafe) and reused across steps. If a chunk is
+    not back `deadline_s` after the batch was sent (a hang inside C code that SIGALRM cannot
+    break), its responses score 0 and the pool is replaced.
+    """
+    global _POOL
+    assert len(responses) == len(ground_truths)
+    if num_workers <= 0 or len(responses) == 0:
+        return [math_reward(r, g, timeout_s) for r, g in zip(responses, ground_truths)]
+    if _POOL is None:
+        ctx = multiprocessing.get_context("forkserver")
+        _POOL = ctx.Pool(num_workers, initializer=_reward_worker_init)
+    # ~4 chunks per worker: balances long and short responses without per-item IPC overhead.
+    n_chunks = min(len(responses), 4 * num_workers)
+    bounds = [len(responses) * k // n_chunks for k in range(n_chunks + 1)]
+    jobs = [_POOL.apply_async(_reward_chunk, ((responses[a:b], ground_truths[a:b], timeout_s),))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    stop = time.monotonic() + deadline_s
+    rewards, hung = [], False
+    for job, a, b in zip(jobs, bounds[:-1], bounds[1:]):
+        try:
+            rewards += job.get(timeout=max(0.0, stop - time.monotonic()))
+        except multiprocessing.TimeoutError:
+            rewards += [0.0] * (b - a)
+            hung = True
+    if hung:
+        _POOL.terminate()
+        _POOL = None
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------
+def make_row(problem, solution, level, type_, split, index):
+    """One output record, or None when the row cannot be used (empty problem, no boxed answer)."""
+    if not isinstance(problem, str) or not problem.strip():
+        return None
+    truth = last_boxed(solution) if isinstance(solution, str) else None
+    if truth is None or not truth.strip():
+        return None
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": [{"role": "user", "content": problem + " " + INSTRUCTION}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": truth},
+        "extra_info": {"split": split, "index": index, "level": level, "type": type_},
+    }
+
+
+def write_jsonl_atomic(rows, path):
+    """Write JSON lines to path.tmp, then rename: an interrupted run leaves no half file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def preprocess(input_dir, local_dir):
+    """Read data/{train,test}-*.parquet under input_dir; write train.json and test.json.
+
+    Returns {split: (written, skipped)}. Bad rows are skipped and counted, never fatal: one odd
+    row in 7500 should not stop a training run.
+    """
+    if not os.path.isdir(input_dir):
+        die(f"input folder {input_dir} does not exist; run `python prepare.py download --local_dir {input_dir}` first")
+    files = {split: sorted(glob.glob(os.path.join(input_dir, "data", f"{split}-*.parquet")))
+             for split in ("train", "test")}
+    for split, found in files.items():
+        if not found:
+            die(f"no {split}-*.parquet under {os.path.join(input_dir, 'data')}; expected the MATH-lighteval layout data/{{train,test}}-*.parquet")
+    import datasets
+    from tqdm import tqdm
+    datasets.disable_progress_bars()
+    os.makedirs(local_dir, exist_ok=True)
+    summary, outputs = {}, {}
+    for split, found in files.items():
+        try:
+            ds = datasets.load_dataset("parquet", data_files=found, split="train")
+        except Exception as e:
+            die(f"cannot read {split} parquet files in {input_dir}/data: {str(e).splitlines()[0]}")
+        missing = [c for c in ("problem", "solution") if c not in ds.column_names]
+        if missing:
+            die(f"{split} parquet files lack the column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)}")
+        rows, skipped = [], 0
+        for index, ex in enumerate(tqdm(ds, desc=f"{split}", unit="row", file=sys.stderr)):
+            row = make_row(ex.get("problem"), ex.get("solution"), ex.get("level"), ex.get("type"), split, index)
+            if row is None:
+                skipped += 1
+            else:
+                rows.append(row)
+        outputs[split] = rows
+        summary[split] = (len(rows), skipped)
+    # Both splits are validated before either file is written, so a failure never leaves a new
+    # train.json next to a stale test.json.
+    for split, rows in outputs.items():
+        write_jsonl_atomic(rows, os.path.join(local_dir, f"{split}.json"))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads (modelscope, as in the reference example)
+# ----------------------------------------------------------------------------------------------
+def _short(e):
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def download_dataset(local_dir, dataset_id=MODELSCOPE_DATASET):
+    try:
+        from modelscope.hub.snapshot_download import dataset_snapshot_download
+    except ImportError:
+        die("modelscope is not installed: pip install modelscope")
+    try:
+        dataset_snapshot_download(dataset_id, local_dir=local_dir)
+    except Exception as e:
+        die(f"could not download data set {dataset_id} from modelscope.cn ({type(e).__name__}: {_short(e)}); "
+            f"check the network, or copy the parquet files to {local_dir}/data by hand")
+
+
+def download_model(model_id, local_dir):
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download
+    except ImportError:
+        die("modelscope is not installed: pip install modelscope")
+    try:
+        snapshot_download(model_id, local_dir=local_dir)
+    except Exception as e:
+        die(f"could not download model {model_id} from modelscope.cn ({type(e).__name__}: {_short(e)}); "
+            f"check the network and the model name, or copy the checkpoint to {local_dir} by hand")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("download", "download-model"):
+        cmd, rest = argv[0], argv[1:]
+        p = argparse.ArgumentParser(prog=f"prepare.py {cmd}")
+        if cmd == "download":
+            p.description = f"Download {MODELSCOPE_DATASET} from modelscope."
+            p.add_argument("--local_dir", default="dataset/MATH-lighteval", help="where the parquet files go")
+            p.add_argument("--dataset", default=MODELSCOPE_DATASET, help="modelscope data set id")
+            a = p.parse_args(rest)
+            download_dataset(a.local_dir, a.dataset)
+        else:
+            p.description = "Download a Qwen2.5 checkpoint (HF format) from modelscope."
+            p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="modelscope model id")
+            p.add_argument("--local_dir", default=None, help="target folder (default: the model's name)")
+            a = p.parse_args(rest)
+            download_model(a.model, a.local_dir or a.model.split("/")[-1])
+        print(f"downloaded to {a.local_dir or a.model.split('/')[-1]}")
+        return
+    p = argparse.ArgumentParser(
+        description="Turn MATH-lighteval parquet files into the GRPO prompt set (train.json, test.json). "
+                    "Subcommands: `download` (the data set) and `download-model` (a Qwen2.5 checkpoint); "
+                    "see `prepare.py download --help`.")
+    p.add_argument("--input_dir", default="dataset/MATH-lighteval", help="folder holding data/{train,test}-*.parquet")
+    p.add_argument("--local_dir", default=None, help="output folder for train.json/test.json (default: input_dir)")
+    a = p.parse_args(argv)
+    out = a.local_dir or a.input_dir
+    summary = preprocess(a.input_dir, out)
+    print("wrote " + ", ".join(f"{out}/{s}.json: {n} rows ({k} skipped: no boxed answer or empty problem)"
+                               for s, (n, k) in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
