@@ -120,7 +120,7 @@ def test_download_offline_is_one_line_error(tmp_path):
 
 
 def test_every_script_has_help():
-    for script in ("prepare.py",):
+    for script in ("prepare.py", "convert.py"):
         p = run_script(script, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), script
 
@@ -192,3 +192,263 @@ def test_score_responses_matches_math_reward_in_worker_processes():
     truths = [f"{i % 3}/2" for i in range(200)] + ["1", "5"]
     rewards = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
     assert rewards == [1.0 if i < 3 else 0.0 for i in range(200)] + [0.0, 0.0]
+
+
+# ==============================================================================================
+# convert.py
+# ==============================================================================================
+def cpu_shims():
+    """Let megatron-core 0.16.1 run on a CPU-only torch (tests only; the product expects CUDA).
+
+    Rotary embedding moves inv_freq to torch.cuda.current_device(); dist_checkpointing and the
+    pipeline schedules call torch.cuda.synchronize and allocate flags on "cuda"; convert.py
+    refuses to start without CUDA.
+    """
+    import torch
+    import convert
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    zeros = torch.zeros    # the pipeline schedules count tokens in torch.zeros(..., device="cuda")
+    torch.zeros = lambda *a, **k: zeros(*a, **dict(k, device="cpu") if k.get("device") == "cuda" else k)
+    torch.Tensor.cuda = lambda self, *a, **k: self   # tied embeddings + PP: the last stage's copy
+    convert.require_cuda_runtime = lambda: None
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    initialize_rng_tracker(inference_rng_tracker=True)
+
+
+def run_shimmed(script, *args, nproc=1, timeout=600):
+    """Run one of our scripts on CPU through the shims: `python test_grpo.py SCRIPT ARGS`, under
+    torchrun (gloo) when nproc > 1."""
+    if nproc == 1:
+        return run_script("test_grpo.py", script, *args, timeout=timeout)
+    port = str(29600 + os.getpid() % 300)
+    return run_script("-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+                      "test_grpo.py", script, *args, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def tiny_qwen_config(tied):
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=128, hidden_size=48,
+                intermediate_size=64, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                tie_word_embeddings=tied, hidden_act="silu", torch_dtype="float32")
+
+
+def make_tiny_hf(path, tied, seed=0):
+    """A random Qwen2ForCausalLM saved in HF format (safetensors + config)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**tiny_qwen_config(tied)))
+    with torch.no_grad():   # HF zero-inits biases; random ones catch a wrong bias layout
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0, 0.5 if n.endswith("bias") else 0.1).add_(1.0 if "norm" in n else 0.0)
+    model.save_pretrained(path)
+    return model
+
+
+def load_safetensors_dir(path):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def logits_main(argv):
+    """`test_grpo.py logits CKPT CONFIG_JSON TOKENS_PT OUT_PT TP PP`: full-vocab fp32 logits of a
+    Megatron checkpoint, through megatron's own pipeline schedule (so PP=2 really pipelines)."""
+    import torch
+    import convert
+    from megatron.core import dist_checkpointing, parallel_state as ps, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    ckpt, cfg_json, tokens_pt, out_pt, tp, pp = argv[0], argv[1], argv[2], argv[3], int(argv[4]), int(argv[5])
+    cfg = convert.resolve_config("custom", cfg_json)
+    convert.init_distributed(tp, pp, use_cuda=False)
+    model = convert.build_model(cfg, convert.transformer_config(
+        cfg, torch.float32, tp, pp, use_cpu_initialization=True, perform_initialization=False))
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    tokens = torch.load(tokens_pt)
+
+    def step(it, model):
+        x = next(it)
+        out = model(x, torch.arange(x.shape[1]).expand_as(x), None)
+        return out, lambda o: (o.sum() * 0, {"logits": tensor_parallel.gather_from_tensor_model_parallel_region(o)})
+    res = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
+        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        torch.save(res[0]["logits"], out_pt)
+    convert.shutdown_distributed()
+
+
+def test_qkv_is_laid_out_per_query_group():
+    import torch
+    import convert
+    cfg = tiny_qwen_config(True)                       # 6 heads, 2 groups, head_dim 8
+    d = 8
+    q = torch.arange(6 * d).float().repeat_interleave(1)   # row r of q holds r
+    k, v = 100 + torch.arange(2 * d).float(), 200 + torch.arange(2 * d).float()
+    qkv = convert.qkv_to_mcore(q, k, v, cfg)
+    # group 0: q heads 0-2 (rows 0..23), k head 0, v head 0; then group 1
+    expected = torch.cat([q[:24], k[:8], v[:8], q[24:], k[8:], v[8:]])
+    assert torch.equal(qkv, expected)
+    assert all(torch.equal(a, b) for a, b in zip(convert.qkv_from_mcore(qkv, cfg), (q, k, v)))
+
+
+def test_fc1_tp_shards_hold_matching_gate_and_up_rows():
+    import torch
+    import convert
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    full = torch.arange(8).float().unsqueeze(1)        # [g0 g1 g2 g3 u0 u1 u2 u3] = 0..7
+    shards = [convert.tp_shard(name, full, r, 2) for r in range(2)]
+    assert shards[0].flatten().tolist() == [0, 1, 4, 5] and shards[1].flatten().tolist() == [2, 3, 6, 7]
+    assert torch.equal(convert.tp_gather(name, shards), full)
+
+
+def test_hf_and_mcore_mappings_are_exact_inverses():
+    """HF tensors -> full mcore -> TP=2 shards -> gathered -> HF: every tensor comes back equal."""
+    import torch
+    import convert
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    for tied in (True, False):
+        cfg = tiny_qwen_config(tied)
+        torch.manual_seed(0)
+        hf = {n: p.detach() + torch.randn_like(p) for n, p in Qwen2ForCausalLM(Qwen2Config(**cfg)).state_dict().items()}
+        if tied:
+            hf.pop("lm_head.weight", None)
+        assert set(hf) == set(convert.hf_names(cfg))
+        back = {}
+        for name in convert.mcore_names(cfg):
+            full = convert.hf_to_mcore(name, hf.__getitem__, cfg)
+            assert tuple(full.shape) == convert.mcore_shape(name, cfg)
+            shards = [convert.tp_shard(name, full, r, 2) for r in range(2)]
+            back.update(convert.mcore_to_hf(name, convert.tp_gather(name, shards), cfg))
+        assert set(back) == set(hf) and all(torch.equal(back[n], hf[n]) for n in hf)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    """HF tiny models (tied and untied), their mcore conversions, a token batch and HF logits."""
+    import torch
+    root = tmp_path_factory.mktemp("convert")
+    out = {"root": root}
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 128, (2, 16))
+    torch.save(tokens, root / "tokens.pt")
+    for tied in (True, False):
+        tag = "tied" if tied else "untied"
+        model = make_tiny_hf(str(root / f"hf_{tag}"), tied, seed=2 if tied else 3)
+        with torch.no_grad():
+            torch.save(model(tokens).logits, root / f"ref_{tag}.pt")
+        p = run_shimmed("convert.py", "custom", str(root / f"hf_{tag}"), str(root / f"mc_{tag}"), "false", "false", "fp32")
+        assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_to_mcore_to_hf_round_trip_is_bit_exact(tiny_ckpts, tied):
+    import torch
+    root, tag = tiny_ckpts["root"], "tied" if tied else "untied"
+    p = run_shimmed("convert.py", "custom", str(root / f"mc_{tag}"), str(root / f"back_{tag}"), "true", "false", "fp32",
+                    str(root / f"hf_{tag}"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_safetensors_dir(root / f"hf_{tag}"), load_safetensors_dir(root / f"back_{tag}")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert ("lm_head.weight" in b) == (not tied)        # a tied model gets no separate lm_head
+    from transformers import AutoModelForCausalLM
+    back = AutoModelForCausalLM.from_pretrained(root / f"back_{tag}")
+    assert torch.equal(back(torch.load(root / "tokens.pt")).logits, torch.load(root / f"ref_{tag}.pt"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_megatron_logits_match_transformers(tiny_ckpts, tied):
+    import torch
+    root, tag = tiny_ckpts["root"], "tied" if tied else "untied"
+    out = root / f"logits_{tag}.pt"
+    p = run_shimmed("logits", str(root / f"mc_{tag}"), str(root / f"hf_{tag}" / "config.json"),
+                    str(root / "tokens.pt"), str(out), "1", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref, got = torch.load(root / f"ref_{tag}.pt"), torch.load(out)
+    assert got.shape == ref.shape == (2, 16, 128)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_tp2_conversion_and_tp2_pp2_logits_and_export_match(tiny_ckpts):
+    """HF -> mcore at TP=2 (2 gloo processes); that checkpoint gives the same logits at TP=2 and
+    at PP=2 (dist_checkpointing reshards), and exports back to HF bit-exactly at PP=2."""
+    import torch
+    root = tiny_ckpts["root"]
+    for tag in ("tied", "untied"):
+        hf, mc = root / f"hf_{tag}", root / f"mc_tp2_{tag}"
+        p = run_shimmed("convert.py", "custom", str(hf), str(mc), "false", "false", "fp32", "--tp", "2", nproc=2)
+        assert p.returncode == 0, p.stderr[-3000:]
+        ref = torch.load(root / f"ref_{tag}.pt")
+        for tp, pp in ((2, 1), (1, 2)):
+            out = root / f"logits_{tag}_{tp}{pp}.pt"
+            p = run_shimmed("logits", str(mc), str(hf / "config.json"), str(root / "tokens.pt"), str(out),
+                            str(tp), str(pp), nproc=2)
+            assert p.returncode == 0, p.stderr[-3000:]
+            assert (torch.load(out) - ref).abs().max() < 1e-4, (tag, tp, pp)
+        back = root / f"back_pp2_{tag}"
+        p = run_shimmed("convert.py", "custom", str(mc), str(back), "true", "false", "fp32", str(hf), "--pp", "2", nproc=2)
+        assert p.returncode == 0, p.stderr[-3000:]
+        a, b = load_safetensors_dir(hf), load_safetensors_dir(back)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_bad_inputs_fail_with_one_line_and_write_nothing(tiny_ckpts, tmp_path):
+    root = tiny_ckpts["root"]
+    hf, mc = str(root / "hf_tied"), str(root / "mc_tied")
+    target = str(tmp_path / "out")
+    cases = [
+        (("0.5B", hf, target, "false", "false", "bf16"), ["not Qwen2.5-0.5B", "num_hidden_layers=4"]),
+        (("9B", hf, target, "false", "false", "bf16"), ["MODEL_SIZE 9B"]),
+        (("custom", mc, target, "true", "false", "bf16"), ["HF_DIR is required"]),
+        (("custom", hf, target, "maybe", "false", "bf16"), ["MG2HF must be true or false"]),
+        (("custom", hf, target, "false", "false", "int8"), ["PR must be"]),
+        (("custom", str(tmp_path / "nope"), target, "false", "false", "bf16"), ["does not exist"]),
+        (("custom", hf, mc, "false", "false", "bf16"), ["not empty", "--force"]),
+        (("custom", hf, target, "false", "false", "bf16", "--tp", "3"), ["TP=3 does not divide num_key_value_heads=2"]),
+        (("custom", hf, target, "true", "false", "bf16", hf), ["not a Megatron dist checkpoint"]),
+        (("custom", mc, target, "true", "false", "bf16", str(root / "hf_untied")), ["another shape", "tie_word_embeddings"]),
+    ]
+    for args, words in cases:
+        assert_one_line_error(run_script("convert.py", *args), *words)
+        assert not os.path.exists(target) and not os.path.exists(target + ".tmp"), args
+    # a checkpoint with a tensor missing, and one with a tensor too many
+    import torch
+    from safetensors.torch import save_file
+    tensors = load_safetensors_dir(hf)
+    for tag, bad in (("missing", {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}),
+                     ("extra", dict(tensors, **{"model.layers.9.mlp.up_proj.weight": torch.zeros(1)}))):
+        d = tmp_path / tag
+        d.mkdir()
+        save_file(bad, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(tiny_qwen_config(True)))
+        p = run_script("convert.py", "custom", str(d), target, "false", "false", "bf16")
+        assert_one_line_error(p, "model.layers.1.mlp.up_proj.weight" if tag == "missing" else "model.layers.9.mlp.up_proj.weight")
+        assert not os.path.exists(target)
+
+
+def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = run_script("convert.py", "custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "o"), "false", "false", "bf16")
+    assert_one_line_error(p, "no CUDA GPU")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def shim_main(argv):
+    """`python test_grpo.py SCRIPT ARGS...`: SCRIPT's main(ARGS) with the CPU shims."""
+    import importlib
+    cpu_shims()
+    if argv[0] == "logits":
+        return logits_main(argv[1:])
+    importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
+
+
+if __name__ == "__main__":
+    shim_main(sys.argv[1:])
