@@ -120,7 +120,7 @@ def test_download_offline_is_one_line_error(tmp_path):
 
 
 def test_every_script_has_help():
-    for script in ("prepare.py", "convert.py"):
+    for script in ("prepare.py", "convert.py", "grpo.py"):
         p = run_script(script, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), script
 
@@ -195,6 +195,128 @@ def test_score_responses_matches_math_reward_in_worker_processes():
 
 
 # ==============================================================================================
+# grpo.py: the math, against plain-Python references
+# ==============================================================================================
+def ref_group_advantages(rewards, n, eps=1e-5, norm=True):
+    out = []
+    for g in range(0, len(rewards), n):
+        grp = rewards[g:g + n]
+        mean = sum(grp) / n
+        std = (sum((x - mean) ** 2 for x in grp) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        out += [0.0 if n == 1 else (x - mean) / ((std + eps) if norm else 1.0) for x in grp]
+    return out
+
+
+def test_group_advantages_match_reference_on_random_rewards():
+    import random
+    import torch
+    import grpo
+    rng = random.Random(0)
+    for n in (2, 3, 8):
+        for norm in (True, False):
+            r = [float(rng.random() < 0.4) if rng.random() < 0.5 else rng.random() for _ in range(5 * n)]
+            got = grpo.group_advantages(torch.tensor(r), n, norm_by_std=norm).tolist()
+            assert got == pytest.approx(ref_group_advantages(r, n, norm=norm), abs=1e-5)
+
+
+def test_all_equal_group_gets_zero_advantage():
+    import torch
+    import grpo
+    adv = grpo.group_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]), 3)
+    assert adv[:6].tolist() == [0.0] * 6
+    assert adv[6:].tolist() == pytest.approx([1.1547, -0.5773, -0.5773], abs=1e-3)   # the docstring's example
+
+
+def test_single_sample_group_gets_zero_advantage():
+    import torch
+    import grpo
+    assert grpo.group_advantages(torch.tensor([1.0, 0.0, 0.5]), 1).tolist() == [0.0, 0.0, 0.0]
+
+
+def ref_policy_loss(logp, old, adv, mask, clip, kl_coef, ref):
+    import math
+    total, n, clipped = 0.0, 0, 0
+    for b in range(len(logp)):
+        for t in range(len(logp[b])):
+            if not mask[b][t]:
+                continue
+            ratio = math.exp(min(logp[b][t] - old[b][t], 10.0))
+            s1, s2 = ratio * adv[b], min(max(ratio, 1 - clip), 1 + clip) * adv[b]
+            d = max(-20.0, min(20.0, ref[b][t] - logp[b][t]))
+            total += -min(s1, s2) + kl_coef * min(math.exp(d) - d - 1, 10.0)
+            clipped += s2 < s1
+            n += 1
+    return total, n, clipped
+
+
+def test_policy_loss_matches_reference_on_random_inputs():
+    import torch
+    import grpo
+    torch.manual_seed(0)
+    for trial in range(5):
+        B, S = 4, 7
+        logp, old, ref = (-torch.rand(B, S) * 3 for _ in range(3))
+        adv = torch.randn(B)
+        mask = (torch.rand(B, S) < 0.7).float()
+        mask[0] = 0                                   # a fully masked row contributes nothing
+        loss, n, stats = grpo.policy_loss(logp, old, adv, mask, 0.2, 0.1, ref)
+        r_loss, r_n, r_clip = ref_policy_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.1, ref.tolist())
+        assert float(loss) == pytest.approx(r_loss, rel=1e-5, abs=1e-5)
+        assert float(n) == r_n and float(stats["clip_frac"]) == r_clip
+
+
+def test_policy_loss_of_unchanged_policy_is_minus_token_weighted_advantage():
+    import torch
+    import grpo
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss, n, stats = grpo.policy_loss(logp, logp, torch.tensor([2.0, -1.0]), mask)
+    assert float(loss) == -(2.0 * 2 - 1.0 * 1) and float(n) == 3 and float(stats["clip_frac"]) == 0
+
+
+def test_kl_k3_is_zero_at_equal_policies_and_positive_elsewhere():
+    import torch
+    import grpo
+    x = torch.tensor([-1.0, -2.0])
+    assert grpo.kl_k3(x, x).tolist() == [0.0, 0.0]
+    assert (grpo.kl_k3(x, x + torch.tensor([0.5, -0.5])) > 0).all()
+
+
+def test_masked_mean_of_empty_mask_is_zero():
+    import torch
+    import grpo
+    assert float(grpo.masked_mean(torch.ones(3), torch.zeros(3))) == 0.0
+    assert float(grpo.masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 0.0]))) == 2.0
+
+
+def test_make_batch_aligns_targets_and_mask_with_response_tokens():
+    import grpo
+    b = grpo.make_batch([{"prompt_ids": [5, 6], "response_ids": [7, 8], "rollout_logps": [-0.5, -0.25]},
+                         {"prompt_ids": [1], "response_ids": [2, 3, 4]}])
+    assert b["tokens"].tolist() == [[5, 6, 7, 8], [1, 2, 3, 4]]
+    assert b["targets"].tolist() == [[6, 7, 8, 0], [2, 3, 4, 0]]
+    assert b["mask"].tolist() == [[0, 1, 1, 0], [1, 1, 1, 0]]
+    assert b["rollout_logp"][0].tolist() == [0, -0.5, -0.25, 0]
+
+
+def test_micro_batches_trim_padding_and_keep_every_row_once():
+    import grpo
+    samples = [{"prompt_ids": [1] * 2, "response_ids": [2] * n} for n in (30, 2, 3, 28, 1)]
+    b = grpo.make_batch(samples)
+    mbs = grpo.micro_batches(b, max_tokens=64)
+    assert sorted(i for rows, _ in mbs for i in rows) == list(range(5))
+    for rows, mb in mbs:
+        assert mb["tokens"].shape[1] == max(len(samples[i]["response_ids"]) + 2 for i in rows)
+        assert mb["tokens"].numel() <= 64 or len(rows) == 1
+    assert sum(mb["tokens"].numel() for _, mb in mbs) < b["tokens"].numel()
+
+
+def test_toy_reward_is_fraction_of_target_token():
+    import grpo
+    assert grpo.toy_reward([7, 1, 7, 2], 7) == 0.5 and grpo.toy_reward([], 7) == 0.0
+
+
+# ==============================================================================================
 # convert.py
 # ==============================================================================================
 def cpu_shims():
@@ -208,8 +330,13 @@ def cpu_shims():
     import convert
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
-    zeros = torch.zeros    # the pipeline schedules count tokens in torch.zeros(..., device="cuda")
-    torch.zeros = lambda *a, **k: zeros(*a, **dict(k, device="cpu") if k.get("device") == "cuda" else k)
+    # the schedules and the optimizers allocate flags with torch.zeros/tensor(..., device="cuda")
+    for fn in ("zeros", "tensor", "empty", "ones"):
+        def on_cpu(*a, _f=getattr(torch, fn), **k):
+            if str(k.get("device", "")).startswith("cuda"):
+                k["device"] = "cpu"
+            return _f(*a, **k)
+        setattr(torch, fn, on_cpu)
     torch.Tensor.cuda = lambda self, *a, **k: self   # tied embeddings + PP: the last stage's copy
     convert.require_cuda_runtime = lambda: None
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
@@ -441,12 +568,93 @@ def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpts, tmp_path):
+    root = tiny_ckpts["root"]
+    out = tmp_path / "step.json"
+    p = run_shimmed("trainstep", str(root / "mc_tied"), str(root / "hf_tied"), str(out),
+                    "--no-distributed-optimizer", "--grad-clip", "0")   # both need CUDA tensors in megatron
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["after"][0] > r["before"][0] + 0.1          # advantage +1: its tokens got likelier
+    assert r["after"][1] < r["before"][1] - 0.1          # advantage -1: less likely
+    # Megatron's loss (summed over micro batches) equals the pure function's on the same log-probs
+    assert r["stats"]["loss"] == pytest.approx(r["ref_loss"], abs=1e-5) == -(4 * 1.0 + 2 * -1.0)
+    assert r["stats"]["tokens"] == r["ref_tokens"] == 6
+    assert r["stats"]["neg_logp"] == pytest.approx(r["ref_neg_logp"], rel=1e-5)
+    assert r["stats"]["grad_norm"] > 0 and r["stats"]["update_skipped"] == 0
+
+
+def test_one_train_step_at_tp2_matches_tp1(tiny_ckpts, tmp_path):
+    root = tiny_ckpts["root"]
+    res = []
+    for nproc, flags in ((1, []), (2, ["--tp", "2"])):
+        out = tmp_path / f"step{nproc}.json"
+        p = run_shimmed("trainstep", str(root / "mc_untied"), str(root / "hf_untied"), str(out),
+                        "--no-distributed-optimizer", "--grad-clip", "0", *flags, nproc=nproc)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res.append(json.loads(out.read_text()))
+    assert res[1]["before"] == pytest.approx(res[0]["before"], abs=1e-4)
+    assert res[1]["after"] == pytest.approx(res[0]["after"], abs=1e-3)
+    assert res[1]["stats"]["grad_norm"] == pytest.approx(res[0]["stats"]["grad_norm"], rel=1e-4)
+
+
+def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
+    root = tiny_ckpts["root"]
+    mc, hf = str(root / "mc_tied"), str(root / "hf_tied")
+    cases = [
+        (["--load", str(tmp_path / "none"), "--hf-dir", hf], ["not a Megatron checkpoint"]),
+        (["--load", mc, "--hf-dir", str(tmp_path)], ["no config.json"]),
+        (["--load", mc, "--hf-dir", hf, "--n-samples-per-prompt", "1"], ["must be >= 2"]),
+        (["--load", mc, "--hf-dir", hf, "--tp", "4"], ["TP=4 does not divide num_attention_heads=6"]),
+        (["--load", mc, "--hf-dir", str(root / "hf_untied")], ["another model", "tie_word_embeddings"]),
+        (["--load", mc, "--hf-dir", hf, "--max-prompt-len", "4096"], ["--max-prompt-len"]),
+    ]
+    for args, words in cases:
+        assert_one_line_error(run_script("grpo.py", *args), *words)
+    import torch
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_script("grpo.py", "--load", mc, "--hf-dir", hf), "needs CUDA")
+
+
+def trainstep_main(argv):
+    """`test_grpo.py trainstep CKPT HF_DIR OUT_JSON [grpo flags]`: one GRPO update on CPU of a
+    hand-made batch: one prompt, a completion with advantage +1 and one with -1."""
+    import torch
+    import convert
+    import grpo
+    ckpt, hf_dir, out = argv[:3]
+    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log", *argv[3:]])
+    cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
+    convert.init_distributed(args.tp, args.pp, use_cuda=False)
+    model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    grpo.load_checkpoint(model.module, ckpt)
+    samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
+               {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}]
+    batch = grpo.make_batch(samples)
+    before = grpo.compute_logprobs(model, batch, args)
+    batch["old_logp"] = before
+    stats = grpo.train_on_batch(model, optimizer, batch, args)
+    after = grpo.compute_logprobs(model, batch, args)
+    # the reference: the same loss from the pure function on the same log-probs (ratio = 1)
+    ref_loss, ref_n, ref_stats = grpo.policy_loss(before, before, batch["advantages"], batch["mask"], args.clip_ratio)
+    m = batch["mask"]
+    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:   # a last stage
+        with open(out, "w") as f:
+            json.dump({"stats": stats, "ref_loss": float(ref_loss), "ref_tokens": float(ref_n),
+                       "ref_neg_logp": float(ref_stats["neg_logp"]),
+                       "before": [float((before[i] * m[i]).sum()) for i in range(2)],
+                       "after": [float((after[i] * m[i]).sum()) for i in range(2)]}, f)
+    convert.shutdown_distributed()
+
+
 def shim_main(argv):
     """`python test_grpo.py SCRIPT ARGS...`: SCRIPT's main(ARGS) with the CPU shims."""
     import importlib
     cpu_shims()
     if argv[0] == "logits":
         return logits_main(argv[1:])
+    if argv[0] == "trainstep":
+        return trainstep_main(argv[1:])
     importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
 
 

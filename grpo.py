@@ -1,0 +1,696 @@
+"""Step 3 of the pipeline: GRPO on Megatron-Core, with a vLLM engine colocated in every rank.
+
+    # one GPU
+    torchrun --nproc_per_node 1 grpo.py --load Qwen2.5-0.5B-mcore --hf-dir Qwen2.5-0.5B-Instruct \\
+        --data dataset/MATH-lighteval
+    # 8 GPUs, tensor parallel 2 (4 data-parallel groups)
+    torchrun --nproc_per_node 8 grpo.py --load Qwen2.5-7B-mcore --hf-dir Qwen2.5-7B-Instruct \\
+        --data dataset/MATH-lighteval --tp 2
+    # toy task: a random tiny model learns to emit one token id (no data, no tokenizer)
+    torchrun --nproc_per_node 1 grpo.py --load tiny-mcore --hf-dir tiny-hf --toy-token 7
+
+One step, and what sits in GPU memory during each phase:
+
+    phase                          GPU memory holds
+    1 rollout (vLLM generate)      Megatron bf16 params | vLLM weights + KV cache
+    2 sleep vLLM, score rewards    Megatron bf16 params | vLLM weights copied to CPU, KV freed
+    3 group advantages             (CPU)
+    4 old (and ref) log-probs      Megatron params + grads + optimizer state (back from CPU)
+    5 policy update                + activations of one micro batch
+    6 weight sync                  optimizer state and grads go back to CPU; vLLM weights wake,
+                                   Megatron -> vLLM one tensor at a time; then the KV cache wakes
+    7 log
+
+Why this choreography: the KV cache and the optimizer state (12 bytes per parameter: fp32 master
+weights + two Adam moments) do not both fit next to the weights on one GPU for the larger models,
+and neither is needed while the other works. Megatron-Core ships the offload (DDP
+`offload_grad_buffers`, optimizer `offload_to_cpu`), vLLM the sleep mode; we size vLLM's memory
+share from what is free *after* the trainer's state has gone to CPU, so both always fit.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import convert
+import prepare
+from convert import UserError
+
+
+# ==============================================================================================
+# The GRPO math: small pure functions, shapes in the comments
+# ==============================================================================================
+def masked_sum(x, mask):
+    """Sum of x where mask is 1. x, mask: same shape."""
+    return (x * mask).sum()
+
+
+def masked_mean(x, mask, eps=1e-8):
+    """Mean of x over the positions where mask is 1; 0 for an empty mask (not NaN), so a micro
+    batch whose rows are all masked contributes nothing instead of poisoning the step."""
+    return (x * mask).sum() / (mask.sum() + eps)
+
+
+def group_advantages(rewards, n_samples_per_prompt, eps=1e-5, norm_by_std=True):
+    """GRPO's advantage: each sample's reward relative to the other samples of the same prompt.
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+
+    No value network: the group mean is the baseline (DeepSeekMath, arXiv 2402.03300). The std is
+    the unbiased one (torch's default), as in the reference implementations. A group whose samples
+    all scored the same carries no signal and gets A = 0 (r - mean = 0 exactly). A group of one
+    sample has no baseline: A = 0 too. norm_by_std=False drops the std scaling (Dr. GRPO,
+    arXiv 2503.20783), which stops near-unanimous groups from getting huge advantages.
+
+    rewards: [num_prompts * n] ordered prompt by prompt -> advantages: [num_prompts * n]
+    Example: n=3, rewards [1, 0, 0] -> mean 1/3, std 0.577 -> advantages [1.155, -0.577, -0.577]
+    """
+    r = rewards.view(-1, n_samples_per_prompt).float()            # [num_prompts, n]
+    mean = r.mean(dim=1, keepdim=True)
+    if n_samples_per_prompt == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    adv = r - mean
+    if norm_by_std:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token KL(pi || pi_ref) estimate "k3" (Schulman, http://joschu.net/blog/kl-approx.html):
+
+        k3 = exp(ref - logp) - (ref - logp) - 1
+
+    unbiased for sampled tokens, and always >= 0 (unlike the naive logp - ref). Clamped so that
+    one token with a huge gap cannot blow up the loss. logp, ref_logp: [b, s] -> [b, s]
+    """
+    d = (ref_logp - logp).clamp(-20, 20)
+    return (torch.exp(d) - d - 1).clamp(max=10)
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_ratio=0.2, kl_coef=0.0, ref_logp=None):
+    """PPO's clipped surrogate with GRPO advantages, summed over the valid tokens.
+
+        ratio = exp(logp - old_logp)                    (clamped at exp(10) against overflow)
+        loss  = -min(ratio * A, clip(ratio, 1-clip_ratio, 1+clip_ratio) * A)  [+ kl_coef * k3]
+
+    Returns the *sum* over tokens and the token count, not the mean: Megatron adds the sums of
+    all micro batches and data-parallel ranks and divides once by the global token count
+    (`calculate_per_token_loss`), so every token of the batch weighs the same however the batch
+    is cut into micro batches (the "token-mean" of DAPO, arXiv 2503.14476).
+
+    logp, old_logp, mask, ref_logp: [b, s];  advantages: [b] (one per sequence) or [b, s]
+    -> (loss_sum [], num_tokens [], stats dict of sums over tokens)
+    Example: A=+1, ratio 1.5 with clip 0.2 -> the term is -1.2 (clipped: no reward for moving
+    further); A=-1, ratio 1.5 -> -max(-1.5, -1.2) = 1.5 (never clipped toward more harm).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)                     # [b, 1] broadcasts over tokens
+    log_ratio = (logp - old_logp).clamp(max=10.0)
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantages
+    pg = -torch.minimum(surr1, surr2)                            # [b, s]
+    clipped = (surr2 < surr1).float()
+    loss = pg
+    kl = torch.zeros_like(pg)
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp)
+        loss = pg + kl_coef * kl
+    mask = mask.float()
+    stats = {"pg_loss": masked_sum(pg, mask).detach(), "clip_frac": masked_sum(clipped, mask),
+             "kl": masked_sum(kl, mask).detach(), "neg_logp": masked_sum(-logp, mask).detach(),
+             "ratio": masked_sum(ratio, mask).detach()}
+    return masked_sum(loss, mask), mask.sum(), stats
+
+
+def toy_reward(response_ids, token_id):
+    """The toy task's reward: the fraction of the completion's tokens equal to `token_id`. A random
+    policy earns a little of it, so GRPO has a signal to amplify from the first step."""
+    return sum(t == token_id for t in response_ids) / max(1, len(response_ids))
+
+
+# ==============================================================================================
+# Batches: rows of prompt + response, right-padded, and the per-token tensors that go with them
+# ==============================================================================================
+def make_batch(samples, pad_id=0):
+    """Stack samples into the tensors one training step reads.
+
+    Row b is prompt + response, right-padded. Position t's logits predict token t+1, so the
+    per-token tensors are aligned with *inputs*: targets[b, t] = tokens[b, t+1], and
+    mask[b, t] = 1 exactly where that target is a response token.
+    Right padding needs no attention mask: attention is causal, so no real token sees a pad.
+
+    samples: list of dicts with prompt_ids, response_ids, advantage, rollout_logps (per response token)
+    -> tokens, targets, mask, rollout_logp: [B, L];  advantages, lengths: [B]
+    Example: prompt [5, 6], response [7, 8] -> tokens [5, 6, 7, 8], targets [6, 7, 8, pad],
+             mask [0, 1, 1, 0]: logits at 6 score 7, logits at 7 score 8.
+    """
+    L = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
+    B = len(samples)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.float32)
+    rollout_logp = torch.zeros((B, L), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        p, r = len(s["prompt_ids"]), len(s["response_ids"])
+        tokens[b, :p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"])
+        mask[b, p - 1:p + r - 1] = 1
+        if s.get("rollout_logps") is not None:
+            rollout_logp[b, p - 1:p + r - 1] = torch.tensor(s["rollout_logps"], dtype=torch.float32)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = pad_id
+    advantages = torch.tensor([s.get("advantage", 0.0) for s in samples], dtype=torch.float32)
+    lengths = torch.tensor([len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples])
+    return {"tokens": tokens, "targets": targets, "mask": mask, "rollout_logp": rollout_logp,
+            "advantages": advantages, "lengths": lengths}
+
+
+def micro_batches(batch, max_tokens):
+    """Cut a batch into micro batches of at most `max_tokens` (rows x padded length), rows sorted
+    by length and each micro batch trimmed to its longest row: response lengths vary from tens to
+    thousands of tokens, and a row padded to the batch's longest would mostly compute padding.
+    Returns a list of (row indices, micro batch dict)."""
+    lengths = batch["lengths"]
+    order = torch.argsort(lengths, descending=True).tolist()
+    out, cur = [], []
+    for i in order:
+        longest = int(lengths[cur[0]]) if cur else int(lengths[i])
+        if cur and (len(cur) + 1) * longest > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    result = []
+    for rows in out:
+        L = int(lengths[rows[0]])
+        idx = torch.tensor(rows)
+        result.append((rows, {k: (v[idx, :L] if v.dim() == 2 else v[idx]) for k, v in batch.items()}))
+    return result
+
+
+# ==============================================================================================
+# Megatron: model, optimizer, log-probs, one update
+# ==============================================================================================
+def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
+    """Policy (DDP-wrapped GPTModel) and Megatron's (distributed) Adam."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    # calculate_per_token_loss: the loss function returns (sum, token count); Megatron sums both
+    # over micro batches and DP ranks and divides once -> a true token-mean over the whole batch.
+    config = convert.transformer_config(
+        cfg, dtype, args.tp, args.pp, use_cpu_initialization=device == "cpu", perform_initialization=True,
+        calculate_per_token_loss=True, variable_seq_lengths=args.pp > 1)
+    model = convert.build_model(cfg, config)
+    if device != "cpu":
+        model.cuda()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.distributed_optimizer,
+        average_in_collective=False, overlap_grad_reduce=False)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    # Without finalize_model_grads no gradient is ever reduced over data-parallel ranks, and it is
+    # what divides by the global token count.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=1e-8, clip_grad=args.grad_clip, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=args.distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    return ddp, optimizer
+
+
+def token_logprobs(logits, targets, temperature):
+    """log pi(target) per position, for any TP: logits are vocab-sharded [b, s, V/tp] and
+    vocab_parallel_cross_entropy does the softmax across the shards. Temperature divides the
+    logits exactly as vLLM's sampler does, so the two sides measure the same distribution.
+    logits [b, s, V/tp], targets [b, s] -> [b, s]"""
+    from megatron.core import tensor_parallel
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, targets)
+
+
+def _run_micro_batches(model, mbs, loss_fn, forward_only):
+    """Megatron's pipeline schedule over our micro batches; returns the loss_fn results (last stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    device = next(model.parameters()).device
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        tokens = mb["tokens"]
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        logits = model(tokens, position_ids, None)             # [b, s, V/tp] on the last stage
+        return logits, lambda out: loss_fn(out, mb)
+    L = max(mb["tokens"].shape[1] for mb in mbs)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),
+        seq_length=L, micro_batch_size=max(mb["tokens"].shape[0] for mb in mbs), forward_only=forward_only)
+
+
+def compute_logprobs(model, batch, args):
+    """Per-token log-probs of the batch under `model` (no grad), [B, L], on the last PP stage.
+
+    Computed by Megatron, not taken from vLLM: the ratio logp/old_logp must compare the same
+    numerics, or kernel differences between the engines would look like policy change and get
+    clipped. Under no_grad, not inference_mode: Megatron's rotary embedding caches tensors,
+    and inference-mode tensors in that cache break the backward pass later.
+    """
+    from megatron.core import parallel_state as ps
+    B, Lmax = batch["tokens"].shape
+    out = torch.zeros(B, Lmax)
+    mbs = micro_batches(batch, args.micro_batch_tokens)
+
+    def loss_fn(logits, mb):
+        logp = token_logprobs(logits, mb["targets"], args.temperature)
+        return logp.sum() * 0, torch.tensor(1, dtype=torch.int, device=logp.device), {"logp": logp.detach()}
+    model.eval()
+    with torch.no_grad():
+        res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, forward_only=True)
+    model.train()
+    if ps.is_pipeline_last_stage():
+        for (rows, mb), r in zip(mbs, res):
+            out[torch.tensor(rows), :r["logp"].shape[1]] = r["logp"].float().cpu()
+    return out
+
+
+def train_on_batch(model, optimizer, batch, args):
+    """One optimizer step over the whole rollout batch (micro batches accumulate gradients).
+    Returns stats (token-means over this DP rank's batch; reduced over DP by the caller)."""
+    from megatron.core import parallel_state as ps
+    mbs = micro_batches(batch, args.micro_batch_tokens)
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    use_ref = "ref_logp" in batch
+
+    def loss_fn(logits, mb):
+        logp = token_logprobs(logits, mb["targets"], args.temperature)
+        loss_sum, n, stats = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"],
+                                         args.clip_ratio, args.kl_coef, mb["ref_logp"] if use_ref else None)
+        return loss_sum, n.int(), {k: v.detach() for k, v in dict(stats, loss=loss_sum, tokens=n).items()}
+    res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    stats = {}
+    if ps.is_pipeline_last_stage():
+        for r in res:
+            for k, v in r.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+    stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    stats["update_skipped"] = float(not ok)
+    return stats
+
+
+def offload_trainer(model, optimizer):
+    """Grads and optimizer state to CPU (the bf16 params stay: vLLM's weights come from them)."""
+    model.offload_grad_buffers()
+    optimizer.offload_to_cpu()
+    torch.cuda.empty_cache()
+
+
+def restore_trainer(model, optimizer):
+    optimizer.restore_from_cpu()
+    model.restore_grad_buffers()
+
+
+def load_checkpoint(model, path):
+    from megatron.core import dist_checkpointing
+    state = dist_checkpointing.load(model.sharded_state_dict(), path)
+    model.load_state_dict(state)
+
+
+# ==============================================================================================
+# vLLM: the colocated engine
+# ==============================================================================================
+def create_engine(args, cfg, gpu_memory_utilization):
+    """One vLLM engine per rank, sharing torchrun's process group (external_launcher).
+
+    load_format="dummy": vLLM allocates random weights and never reads the checkpoint; the first
+    weight sync fills them from Megatron, so both engines provably run the same weights.
+    Each data-parallel group gets its own seed, or all groups would sample the same texts.
+    """
+    from vllm import LLM
+    from megatron.core import parallel_state as ps
+    return LLM(
+        model=args.hf_dir, tensor_parallel_size=args.tp, distributed_executor_backend="external_launcher",
+        enable_sleep_mode=True, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=args.max_len,
+        seed=args.seed + dist.get_rank() // args.tp, enable_prefix_caching=True,
+        # log-probs after temperature, comparable with the trainer's logits / T
+        logprobs_mode="processed_logprobs", max_num_seqs=args.max_num_seqs)
+
+
+def vllm_model(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def sync_weights(model, llm, cfg):
+    """Megatron -> vLLM, one full tensor at a time (convert.export_hf gathers TP shards and PP
+    stages and splits fused qkv / gate-up back to HF names; vLLM's Qwen2 loader re-fuses and
+    re-shards them its own way). load_weights copies into the existing bf16 tensors in place,
+    so vLLM's CUDA graphs stay valid. Returns the number of tensors sent."""
+    n = 0
+
+    def counted(it):
+        nonlocal n
+        for name_tensor in it:
+            n += 1
+            yield name_tensor
+    vllm_model(llm).load_weights(counted(convert.export_hf(model.module, cfg)))
+    # Cached prefixes were computed with the old weights: reusing them would be silently wrong.
+    llm.reset_prefix_cache()
+    return n
+
+
+def generate(llm, prompts, sampling_params):
+    """prompts: list of token-id lists -> per prompt, the list of its n samples
+    (response token ids, per-token logprobs, finish reason)."""
+    from vllm.inputs import TokensPrompt
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling_params, use_tqdm=False)
+    result = []
+    for o in outs:
+        samples = []
+        for c in o.outputs:
+            lps = [next(iter(lp.values())).logprob if lp else 0.0 for lp in c.logprobs] if c.logprobs else None
+            samples.append((list(c.token_ids), lps, c.finish_reason))
+        result.append(samples)
+    return result
+
+
+# ==============================================================================================
+# Data
+# ==============================================================================================
+def load_prompt_file(path):
+    """(messages, ground_truth) pairs from prepare.py's JSON lines."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run `python prepare.py --input_dir ... --local_dir {os.path.dirname(path)}`")
+    rows = []
+    with open(path) as f:
+        for k, line in enumerate(f):
+            try:
+                r = json.loads(line)
+                rows.append((r["prompt"], r["reward_model"]["ground_truth"]))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {k + 1} is not a prepare.py record (prompt, reward_model.ground_truth)")
+    if not rows:
+        raise UserError(f"{path} is empty")
+    return rows
+
+
+def tokenize(tokenizer, rows, max_prompt_len):
+    """Chat-template each prompt (add_generation_prompt so the model answers as the assistant);
+    prompts longer than the budget are dropped and counted, never cut (a cut problem has a
+    different answer)."""
+    out, dropped = [], 0
+    for messages, truth in rows:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        out.append((list(ids), truth))
+    return out, dropped
+
+
+# ==============================================================================================
+# Arguments
+# ==============================================================================================
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="GRPO training: Megatron-Core trains, a colocated vLLM rolls out. "
+                                "Run under torchrun (see the top of grpo.py).")
+    g = p.add_argument_group("I/O")
+    g.add_argument("--load", required=True, help="Megatron checkpoint of the initial policy (convert.py output)")
+    g.add_argument("--hf-dir", required=True, help="HF folder of the same model: config.json (for vLLM) and tokenizer")
+    g.add_argument("--data", default="dataset/MATH-lighteval", help="folder with prepare.py's train.json / test.json")
+    g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl and the final checkpoint")
+    g.add_argument("--model-size", default="custom", help="Qwen2.5 size to check the checkpoint against, or custom")
+    g = p.add_argument_group("GRPO (defaults follow the reference example)")
+    g.add_argument("--steps", type=int, default=100, help="optimizer steps (one per rollout batch)")
+    g.add_argument("--prompts-per-step", type=int, default=64, help="prompts per rollout batch")
+    g.add_argument("--n-samples-per-prompt", type=int, default=32, help="group size G of GRPO")
+    g.add_argument("--max-len", type=int, default=2048, help="prompt + response tokens at most")
+    g.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are dropped (and counted)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    g.add_argument("--clip-ratio", type=float, default=0.2, help="PPO clip epsilon")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the initial policy in the loss")
+    g.add_argument("--no-kl-log", action="store_true", help="skip the reference model (no KL logged; saves its memory)")
+    g.add_argument("--no-std-norm", action="store_true", help="advantages without std scaling (Dr. GRPO)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=2e-6, help="constant learning rate")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens (rows x padded length) per micro batch")
+    g.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false",
+                   help="replicate optimizer state on every DP rank instead of sharding it")
+    g = p.add_argument_group("parallelism and engine")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 4 GiB)")
+    g.add_argument("--sleep-level", type=int, default=1, choices=(1, 2),
+                   help="vLLM sleep level between rollouts: 1 keeps a CPU copy of its weights, 2 drops them")
+    g.add_argument("--max-num-seqs", type=int, default=1024, help="vLLM's batch of concurrent sequences")
+    g.add_argument("--reward-workers", type=int, default=4, help="processes scoring math answers per rank")
+    g = p.add_argument_group("eval and logging")
+    g.add_argument("--eval-interval", type=int, default=10, help="evaluate every N steps (0: never)")
+    g.add_argument("--eval-prompts", type=int, default=500, help="test prompts per evaluation")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--toy-token", type=int, default=None,
+                   help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
+    g.add_argument("--toy-prompt-len", type=int, default=8)
+    a = p.parse_args(argv)
+    if a.n_samples_per_prompt < 2:
+        raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
+    if a.max_prompt_len >= a.max_len:
+        raise UserError("--max-prompt-len must be smaller than --max-len (room is needed for the response)")
+    if not os.path.isdir(a.load) or not os.path.isfile(os.path.join(a.load, "metadata.json")):
+        raise UserError(f"--load {a.load} is not a Megatron checkpoint (convert.py ... false ... writes one)")
+    if not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
+        raise UserError(f"--hf-dir {a.hf_dir} has no config.json")
+    return a
+
+
+# ==============================================================================================
+# Main
+# ==============================================================================================
+def main(argv=None):
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def log0(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def run(args):
+    cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
+    convert.check_parallel_sizes(cfg, args.tp, args.pp)
+    meta = os.path.join(args.load, "model_config.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            saved = json.load(f)
+        diff = [k for k in convert.SHAPE_KEYS if saved.get(k) != cfg[k]]
+        if diff:
+            raise UserError(f"--load holds another model than --hf-dir ({', '.join(diff)} differ)")
+    if not torch.cuda.is_available():
+        raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them)")
+    convert.init_distributed(args.tp, args.pp, use_cuda=True)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+    random.seed(args.seed)     # the same prompt order on every rank
+
+    # ---- data -----------------------------------------------------------------------------
+    tokenizer = None
+    if args.toy_token is None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+        train, dropped = tokenize(tokenizer, load_prompt_file(os.path.join(args.data, "train.json")), args.max_prompt_len)
+        test, _ = tokenize(tokenizer, load_prompt_file(os.path.join(args.data, "test.json")), args.max_prompt_len)
+        log0(f"prompts: {len(train)} train ({dropped} dropped: longer than {args.max_prompt_len} tokens), {len(test)} test")
+        stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                           if isinstance(i, int) and i >= 0})
+    else:
+        rng = random.Random(args.seed)
+        train = [([rng.randrange(cfg["vocab_size"]) for _ in range(args.toy_prompt_len)], None) for _ in range(4096)]
+        test, stop_ids = [], []
+
+    # ---- models ---------------------------------------------------------------------------
+    model, optimizer = build_trainer(cfg, args)
+    load_checkpoint(model.module, args.load)
+    ref = None
+    if args.kl_coef > 0 or not args.no_kl_log:
+        # The frozen initial policy, for KL. Only bf16 params on the GPU: no grads, no optimizer.
+        ref = convert.build_model(cfg, convert.transformer_config(cfg, torch.bfloat16, args.tp, args.pp,
+                                                                 variable_seq_lengths=args.pp > 1)).cuda()
+        load_checkpoint(ref, args.load)
+        ref.requires_grad_(False)
+    offload_trainer(model, optimizer)
+    free, total = torch.cuda.mem_get_info()
+    util = args.gpu_memory_utilization or max(0.05, (free - 4 * 2**30) / total)
+    log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
+    t0 = time.time()
+    llm = create_engine(args, cfg, util)
+    log0(f"vLLM engine up in {time.time() - t0:.0f}s")
+    sync_weights(model, llm, cfg)
+    from vllm import SamplingParams
+    # Every sample may grow to max_len; TP peers must pass identical SamplingParams, so the
+    # budget is fixed, not per prompt.
+    max_new_tokens = args.max_len - (args.toy_prompt_len if args.toy_token is not None else args.max_prompt_len)
+    # top_p 1 / top_k -1 for training rollouts: truncation would renormalise vLLM's log-probs and
+    # the samples would no longer come from the policy that the loss assumes.
+    rollout_params = SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
+                                    max_tokens=max_new_tokens,
+                                    logprobs=0, stop_token_ids=stop_ids or None, seed=None)
+    os.makedirs(args.out, exist_ok=True)
+    log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0)
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if log_rank else None
+    rollout_groups, group = world // args.tp, rank // args.tp    # one vLLM engine per TP group
+    order = list(range(len(train)))
+    random.Random(args.seed).shuffle(order)
+    cursor = 0
+    from tqdm import tqdm
+    bar = tqdm(range(1, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr)
+
+    for step in bar:
+        m, times = {"step": step}, {}
+        # ---- 1. rollout: this engine's share of the step's prompts -------------------------
+        t = time.time()
+        if cursor + args.prompts_per_step > len(order):
+            random.Random(args.seed + step).shuffle(order)
+            cursor = 0
+        step_prompts = [train[i] for i in order[cursor:cursor + args.prompts_per_step]]
+        cursor += args.prompts_per_step
+        mine = step_prompts[group::rollout_groups]
+        outs = generate(llm, [p for p, _ in mine], rollout_params)
+        times["rollout"] = time.time() - t
+        # ---- 2. sleep vLLM, score ---------------------------------------------------------
+        t = time.time()
+        llm.sleep(level=args.sleep_level)
+        times["sleep"] = time.time() - t
+        t = time.time()
+        samples = []
+        for (prompt_ids, truth), group_outs in zip(mine, outs):
+            for resp, lps, finish in group_outs:
+                samples.append({"prompt_ids": prompt_ids, "response_ids": resp, "rollout_logps": lps,
+                                "truncated": finish == "length", "truth": truth})
+        if args.toy_token is not None:
+            rewards = [toy_reward(s["response_ids"], args.toy_token) for s in samples]
+        else:
+            texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
+            rewards = prepare.score_responses(texts, [s["truth"] for s in samples], num_workers=args.reward_workers)
+        for s, r in zip(samples, rewards):
+            s["reward"] = r
+        times["reward"] = time.time() - t
+        # every rank gets every rollout, then takes its data-parallel share: TP and PP peers of one
+        # DP rank must train on identical rows, and PP stages rolled out different prompts.
+        gathered = [None] * world
+        dist.all_gather_object(gathered, samples if rank % args.tp == 0 else [])
+        all_samples = [s for g in range(rollout_groups) for s in gathered[g * args.tp]]
+        # ---- 3. advantages (samples of one prompt are contiguous) -------------------------
+        r = torch.tensor([s["reward"] for s in all_samples])
+        adv = group_advantages(r, args.n_samples_per_prompt, norm_by_std=not args.no_std_norm)
+        for s, a in zip(all_samples, adv.tolist()):
+            s["advantage"] = a
+        per_dp = len(all_samples) // args.n_samples_per_prompt // dp_size * args.n_samples_per_prompt
+        shard = all_samples[dp_rank * per_dp:(dp_rank + 1) * per_dp]
+        batch = make_batch(shard)
+        # ---- 4. old and reference log-probs ------------------------------------------------
+        t = time.time()
+        restore_trainer(model, optimizer)
+        batch["old_logp"] = compute_logprobs(model, batch, args)
+        if ref is not None:
+            batch["ref_logp"] = compute_logprobs(ref, batch, args)
+        times["logprobs"] = time.time() - t
+        # ---- 5. policy update ------------------------------------------------------------
+        t = time.time()
+        stats = train_on_batch(model, optimizer, batch, args)
+        torch.cuda.synchronize()
+        times["update"] = time.time() - t
+        # ---- 6. weight sync --------------------------------------------------------------
+        t = time.time()
+        offload_trainer(model, optimizer)
+        llm.wake_up(tags=["weights"])
+        times["wake"] = time.time() - t
+        t = time.time()
+        sync_weights(model, llm, cfg)
+        times["sync"] = time.time() - t
+        t = time.time()
+        llm.wake_up(tags=["kv_cache", "scheduling"])
+        times["wake"] += time.time() - t
+        # ---- 7. log ----------------------------------------------------------------------
+        mask = batch["mask"]
+        diff = ((batch["old_logp"] - batch["rollout_logp"]).abs() * mask).sum()
+        red = torch.tensor([stats.get(k, 0.0) for k in ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens")]
+                           + [float(diff), float(mask.sum())], device="cuda")
+        dist.all_reduce(red, group=ps.get_data_parallel_group())
+        n_tok = max(red[5].item(), 1.0)
+        lengths = [len(s["response_ids"]) for s in all_samples]
+        m.update({
+            "reward": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+            "accuracy": float((r == 1).float().mean()),
+            "adv_abs_mean": float(adv.abs().mean()), "adv_max": float(adv.max()), "adv_min": float(adv.min()),
+            "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
+            "clipped_ratio": sum(s["truncated"] for s in all_samples) / len(all_samples),
+            "loss": red[0].item() / n_tok, "pg_loss": red[1].item() / n_tok, "clip_frac": red[2].item() / n_tok,
+            "kl": red[3].item() / n_tok, "neg_logp": red[4].item() / n_tok,
+            "logp_diff_vllm_megatron": red[6].item() / max(red[7].item(), 1.0),
+            "grad_norm": stats["grad_norm"], "update_skipped": stats["update_skipped"],
+            "tokens_per_s_rollout": sum(lengths) / max(times["rollout"], 1e-9) / max(1, rollout_groups),
+            "gpu_mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            **{f"time_{k}": v for k, v in times.items()}})
+        # ---- eval ------------------------------------------------------------------------
+        if args.eval_interval and step % args.eval_interval == 0 and test:
+            t = time.time()
+            eval_rows = test[:args.eval_prompts][group::rollout_groups]
+            ep = SamplingParams(n=1, temperature=0.6, top_p=0.95, top_k=20, max_tokens=max_new_tokens,
+                                stop_token_ids=stop_ids or None)
+            eouts = generate(llm, [p for p, _ in eval_rows], ep)
+            texts = tokenizer.batch_decode([o[0][0] for o in eouts], skip_special_tokens=True)
+            acc = prepare.score_responses(texts, [g for _, g in eval_rows], num_workers=args.reward_workers)
+            acc_t = torch.tensor([sum(acc), len(acc)], dtype=torch.float64, device="cuda") * (rank % args.tp == 0)
+            dist.all_reduce(acc_t)
+            m["eval_accuracy"] = (acc_t[0] / acc_t[1].clamp(min=1)).item()
+            m["time_eval"] = time.time() - t
+        if metrics_file:
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            print(f"step {step}: reward {m['reward']:.3f} loss {m['loss']:.4f} kl {m['kl']:.4f} "
+                  f"clip {m['clip_frac']:.3f} |logp diff| {m['logp_diff_vllm_megatron']:.4f} "
+                  f"len {m['response_len_mean']:.0f} grad {m['grad_norm']:.3f} "
+                  + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_"))
+                  + (f" eval_acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""), flush=True)
+    # ---- final checkpoint ----------------------------------------------------------------------
+    from megatron.core import dist_checkpointing
+    final = os.path.join(args.out, "final")
+    if rank == 0 and os.path.isdir(final):
+        import shutil
+        shutil.rmtree(final)
+    dist.barrier()
+    if rank == 0:
+        os.makedirs(final)
+    dist.barrier()
+    dist_checkpointing.save(model.module.sharded_state_dict(), final)
+    if rank == 0:
+        with open(os.path.join(final, "model_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    dist.barrier()
+    log0(f"saved the policy to {final}")
+    del llm
+    convert.shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
