@@ -7,6 +7,7 @@ Nothing is downloaded: the fixtures write MATH-lighteval-shaped parquet files an
 Qwen2-shaped checkpoints into pytest's tmp dirs.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -392,11 +393,14 @@ def logits_main(argv):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     ckpt, cfg_json, tokens_pt, out_pt, tp, pp = argv[0], argv[1], argv[2], argv[3], int(argv[4]), int(argv[5])
     cfg = convert.resolve_config("custom", cfg_json)
-    convert.init_distributed(tp, pp, use_cuda=False)
+    cuda = torch.cuda.is_available()
+    convert.init_distributed(tp, pp, use_cuda=cuda)
     model = convert.build_model(cfg, convert.transformer_config(
-        cfg, torch.float32, tp, pp, use_cpu_initialization=True, perform_initialization=False))
+        cfg, torch.float32, tp, pp, use_cpu_initialization=not cuda, perform_initialization=False))
+    if cuda:
+        model.cuda()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
-    tokens = torch.load(tokens_pt)
+    tokens = torch.load(tokens_pt).to("cuda" if cuda else "cpu")
 
     def step(it, model):
         x = next(it)
@@ -406,7 +410,7 @@ def logits_main(argv):
         forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        torch.save(res[0]["logits"], out_pt)
+        torch.save(res[0]["logits"].cpu(), out_pt)
     convert.shutdown_distributed()
 
 
@@ -647,10 +651,95 @@ def trainstep_main(argv):
     convert.shutdown_distributed()
 
 
+# ==============================================================================================
+# GPU (run on a CUDA machine with vllm: python -m pytest -q -k gpu test_grpo.py -s)
+# ==============================================================================================
+def gpu_hf_model(path, cfg, dtype="float32"):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    return model
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@gpu
+def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
+    """A random tiny Qwen2 (vocab 64) learns to emit token 7; after every weight sync vLLM's
+    log-probs of the sampled tokens agree with Megatron's."""
+    cfg = dict(tiny_qwen_config(True), vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    gpu_hf_model(str(tmp_path / "hf"), cfg)
+    p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
+                   "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--toy-token", "7",
+                   "--steps", "30", "--prompts-per-step", "32", "--n-samples-per-prompt", "8", "--max-len", "40",
+                   "--toy-prompt-len", "8", "--max-prompt-len", "8", "--lr", "1e-3", "--eval-interval", "0",
+                   "--gpu-memory-utilization", "0.3", timeout=900)
+    print(p.stdout[-6000:])
+    assert p.returncode == 0, p.stderr[-5000:]
+    m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    rewards = [x["reward"] for x in m]
+    print("reward curve:", " ".join(f"{r:.3f}" for r in rewards))
+    print("logp diff:", " ".join(f"{x['logp_diff_vllm_megatron']:.4f}" for x in m))
+    assert len(m) == 30
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1
+    assert max(x["logp_diff_vllm_megatron"] for x in m) < 0.02
+
+
+@gpu
+def test_gpu_qwen25_05b_shape_converts_and_runs_three_steps(tmp_path):
+    """The real Qwen2.5-0.5B config, random weights: convert on the GPU (logits checked), then
+    three GRPO steps through vLLM and Megatron (toy reward: no tokenizer offline)."""
+    import torch
+    import convert
+    cfg = convert.qwen_config("0.5B")
+    hf = gpu_hf_model(str(tmp_path / "hf"), cfg)
+    tokens = torch.randint(0, 151000, (2, 64))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        ref = hf(tokens.cuda()).logits.float().cpu()
+    del hf
+    torch.cuda.empty_cache()     # the trainer's vLLM sizes itself from the free memory
+    for pr in ("fp32", "bf16"):
+        t = time.time()
+        p = run_script("-c", "import resource, convert, torch; convert.main(); "
+                       "print('peak GPU GiB %.2f, peak RSS GiB %.2f' % (torch.cuda.max_memory_allocated() / 2**30, "
+                       "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))",
+                       "0.5B", str(tmp_path / "hf"), str(tmp_path / f"mc_{pr}"), "false", "true", pr)
+        assert p.returncode == 0, p.stderr[-3000:]
+        print(f"convert 0.5B HF->mcore {pr} USE_CUDA=true: {time.time() - t:.1f}s (with imports); {p.stdout.strip()}")
+    p = run_script("test_grpo.py", "logits", str(tmp_path / "mc_fp32"), str(tmp_path / "hf" / "config.json"),
+                   str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt"), "1", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    diff = (torch.load(tmp_path / "logits.pt") - ref).abs().max().item()
+    print(f"0.5B fp32 logits HF vs Megatron (GPU): max abs diff {diff:.2e}")
+    assert diff < 1e-3
+    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc_bf16"),
+                   "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--model-size", "0.5B",
+                   "--toy-token", "7", "--steps", "3", "--prompts-per-step", "32", "--n-samples-per-prompt", "16",
+                   "--max-len", "1280", "--toy-prompt-len", "256", "--max-prompt-len", "256", "--eval-interval", "0",
+                   timeout=900)
+    print(p.stdout[-6000:])
+    assert p.returncode == 0, p.stderr[-5000:]
+    m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert len(m) == 3 and all(math.isfinite(x["loss"]) for x in m)
+    assert max(x["logp_diff_vllm_megatron"] for x in m) < 0.02
+
+
 def shim_main(argv):
     """`python test_grpo.py SCRIPT ARGS...`: SCRIPT's main(ARGS) with the CPU shims."""
     import importlib
-    cpu_shims()
+    import torch
+    if not torch.cuda.is_available():
+        cpu_shims()
     if argv[0] == "logits":
         return logits_main(argv[1:])
     if argv[0] == "trainstep":
