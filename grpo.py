@@ -34,7 +34,15 @@ import random
 import sys
 import time
 
-import torch
+# The trainer's allocations come and go (optimizer state, activations, logits of 100k-token
+# vocabularies) while vLLM's pool waits asleep; with PyTorch's default fixed-size segments one
+# live tensor pins a whole segment and empty_cache() cannot hand the memory back for vLLM's
+# wake-up (seen: 10 GiB short on 0.5B). Expandable segments return freed pages. vLLM turns the
+# setting off inside its own pool when it comes from this variable, which is why it is set here,
+# before torch is imported, and not through torch.cuda.memory._set_allocator_settings.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 import torch.distributed as dist
 
 import convert
@@ -444,7 +452,7 @@ def parse_args(argv):
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens (rows x padded length) per micro batch")
+    g.add_argument("--micro-batch-tokens", type=int, default=8192, help="tokens (rows x padded length) per micro batch")
     g.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false",
                    help="replicate optimizer state on every DP rank instead of sharding it")
     g = p.add_argument_group("parallelism and engine")
@@ -621,7 +629,9 @@ def run(args):
         times["update"] = time.time() - t
         # ---- 6. weight sync --------------------------------------------------------------
         t = time.time()
+        used_in_update = total - torch.cuda.mem_get_info()[0]
         offload_trainer(model, optimizer)
+        free_before_wake = torch.cuda.mem_get_info()[0]
         llm.wake_up(tags=["weights"])
         times["wake"] = time.time() - t
         t = time.time()
@@ -649,7 +659,8 @@ def run(args):
             "logp_diff_vllm_megatron": red[6].item() / max(red[7].item(), 1.0),
             "grad_norm": stats["grad_norm"], "update_skipped": stats["update_skipped"],
             "tokens_per_s_rollout": sum(lengths) / max(times["rollout"], 1e-9) / max(1, rollout_groups),
-            "gpu_mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            # (torch's own peak counters also count vLLM's sleeping pool, so we read the driver)
+            "gpu_used_after_update_gib": used_in_update / 2**30, "gpu_free_before_wake_gib": free_before_wake / 2**30,
             **{f"time_{k}": v for k, v in times.items()}})
         # ---- eval ------------------------------------------------------------------------
         if args.eval_interval and step % args.eval_interval == 0 and test:
@@ -670,6 +681,7 @@ def run(args):
             print(f"step {step}: reward {m['reward']:.3f} loss {m['loss']:.4f} kl {m['kl']:.4f} "
                   f"clip {m['clip_frac']:.3f} |logp diff| {m['logp_diff_vllm_megatron']:.4f} "
                   f"len {m['response_len_mean']:.0f} grad {m['grad_norm']:.3f} "
+                  f"mem {m['gpu_used_after_update_gib']:.1f}/{m['gpu_free_before_wake_gib']:.1f} GiB used/free "
                   + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_"))
                   + (f" eval_acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""), flush=True)
     # ---- final checkpoint ----------------------------------------------------------------------
