@@ -239,28 +239,19 @@ def _short(e):
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def download_dataset(local_dir, dataset_id=MODELSCOPE_DATASET):
+def modelscope_download(kind, repo_id, local_dir):
+    """Download a modelscope data set (kind "data set") or model (kind "model") into local_dir;
+    any failure (no network, unknown id) is one line naming what could not be reached."""
     try:
-        from modelscope.hub.snapshot_download import dataset_snapshot_download
+        from modelscope.hub.snapshot_download import dataset_snapshot_download, snapshot_download
     except ImportError:
         die("modelscope is not installed: pip install modelscope")
+    fetch = dataset_snapshot_download if kind == "data set" else snapshot_download
     try:
-        dataset_snapshot_download(dataset_id, local_dir=local_dir)
+        fetch(repo_id, local_dir=local_dir)
     except Exception as e:
-        die(f"could not download data set {dataset_id} from modelscope.cn ({type(e).__name__}: {_short(e)}); "
-            f"check the network, or copy the parquet files to {local_dir}/data by hand")
-
-
-def download_model(model_id, local_dir):
-    try:
-        from modelscope.hub.snapshot_download import snapshot_download
-    except ImportError:
-        die("modelscope is not installed: pip install modelscope")
-    try:
-        snapshot_download(model_id, local_dir=local_dir)
-    except Exception as e:
-        die(f"could not download model {model_id} from modelscope.cn ({type(e).__name__}: {_short(e)}); "
-            f"check the network and the model name, or copy the checkpoint to {local_dir} by hand")
+        die(f"could not download {kind} {repo_id} from modelscope.cn ({type(e).__name__}: {_short(e)}); "
+            f"check the network and the name, or copy the files to {local_dir} by hand")
 
 
 def main(argv=None):
@@ -273,13 +264,13 @@ def main(argv=None):
             p.add_argument("--local_dir", default="dataset/MATH-lighteval", help="where the parquet files go")
             p.add_argument("--dataset", default=MODELSCOPE_DATASET, help="modelscope data set id")
             a = p.parse_args(rest)
-            download_dataset(a.local_dir, a.dataset)
+            modelscope_download("data set", a.dataset, a.local_dir)
         else:
             p.description = "Download a Qwen2.5 checkpoint (HF format) from modelscope."
             p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="modelscope model id")
             p.add_argument("--local_dir", default=None, help="target folder (default: the model's name)")
             a = p.parse_args(rest)
-            download_model(a.model, a.local_dir or a.model.split("/")[-1])
+            modelscope_download("model", a.model, a.local_dir or a.model.split("/")[-1])
         print(f"downloaded to {a.local_dir or a.model.split('/')[-1]}")
         return
     p = argparse.ArgumentParser(
