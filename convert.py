@@ -377,8 +377,8 @@ def load_hf_into_model(model, cfg, hf_get, progress=True):
 def _owner_map(model):
     """{global name: pipeline stage that holds it}, agreed by all ranks of the PP group."""
     from megatron.core import parallel_state as ps
-    mine = [n for n in local_to_global(model).values() if not n == "output_layer.weight" or
-            not model.share_embeddings_and_output_weights]
+    mine = [n for n in local_to_global(model).values()
+            if not (n == "output_layer.weight" and model.share_embeddings_and_output_weights)]
     stages = [None] * ps.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
     owner = {}
@@ -400,7 +400,8 @@ def export_hf(model, cfg):
     from megatron.core import parallel_state as ps
     tp_size, pp_size = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
-    local = {g: p for l, p in model.named_parameters() for g in [local_to_global(model)[l]]}
+    names = local_to_global(model)
+    local = {names[n]: p for n, p in model.named_parameters()}
     owner = _owner_map(model) if pp_size > 1 else None
     stage = ps.get_pipeline_model_parallel_rank()
     some = next(iter(local.values()))
@@ -423,6 +424,35 @@ def export_hf(model, cfg):
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
+def save_mcore(model, cfg, directory):
+    """Write this rank's shard into a dist checkpoint in `directory` (which must exist), with the
+    shape next to it in model_config.json so a later load can be checked before it starts."""
+    from megatron.core import dist_checkpointing
+    dist_checkpointing.save(model.sharded_state_dict(), directory)
+    if dist.get_rank() == 0:
+        with open(os.path.join(directory, "model_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def load_mcore(model, directory):
+    """Fill this rank's shard from a dist checkpoint written at any TP/PP."""
+    from megatron.core import dist_checkpointing
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
+
+
+def check_mcore_shape(directory, cfg, against):
+    """UserError unless `directory` is a dist checkpoint of the shape in `cfg` (read from `against`)."""
+    if not os.path.isfile(os.path.join(directory, "metadata.json")):
+        raise UserError(f"{directory} is not a Megatron dist checkpoint (no metadata.json)")
+    meta = os.path.join(directory, "model_config.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            saved = json.load(f)
+        diff = [k for k in SHAPE_KEYS if saved.get(k) != cfg[k]]
+        if diff:
+            raise UserError(f"{directory} holds another model than {against} ({', '.join(diff)} differ)")
+
+
 def hf_reader(load_dir):
     """(names, get) over an HF checkpoint's safetensors files, reading one tensor at a time."""
     from safetensors import safe_open
@@ -573,15 +603,7 @@ def convert(a):
     cfg = resolve_config(a.MODEL_SIZE, os.path.join(a.HF_DIR if a.MG2HF else a.LOAD_DIR, "config.json"))
     check_parallel_sizes(cfg, a.tp, a.pp)
     if a.MG2HF:
-        meta = os.path.join(a.LOAD_DIR, "model_config.json")
-        if not os.path.isfile(os.path.join(a.LOAD_DIR, "metadata.json")):
-            raise UserError(f"{a.LOAD_DIR} is not a Megatron dist checkpoint (no metadata.json)")
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                saved = json.load(f)
-            diff = [k for k in SHAPE_KEYS if saved.get(k) != cfg[k]]
-            if diff:
-                raise UserError(f"{a.LOAD_DIR} holds a model of another shape than {a.HF_DIR}/config.json ({', '.join(diff)} differ)")
+        check_mcore_shape(a.LOAD_DIR, cfg, os.path.join(a.HF_DIR, "config.json"))
     else:
         names, hf_get = hf_reader(a.LOAD_DIR)
         check_hf_tensors(names, cfg, a.LOAD_DIR)
@@ -616,16 +638,11 @@ def convert(a):
 
 
 def write_converted(a, cfg, model, dtype, tmp, rank, hf_get):
-    from megatron.core import dist_checkpointing
     if not a.MG2HF:
         load_hf_into_model(model, cfg, lambda n: hf_get(n).to(dtype), progress=rank == 0)
-        dist_checkpointing.save(model.sharded_state_dict(), tmp)
-        if rank == 0:
-            with open(os.path.join(tmp, "model_config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
+        save_mcore(model, cfg, tmp)
     else:
-        state = dist_checkpointing.load(model.sharded_state_dict(), a.LOAD_DIR)
-        model.load_state_dict(state, strict=False)
+        load_mcore(model, a.LOAD_DIR)
         from tqdm import tqdm
         tensors = export_hf(model, cfg)
         if rank == 0:

@@ -323,12 +323,6 @@ def restore_trainer(model, optimizer):
     model.restore_grad_buffers()
 
 
-def load_checkpoint(model, path):
-    from megatron.core import dist_checkpointing
-    state = dist_checkpointing.load(model.sharded_state_dict(), path)
-    model.load_state_dict(state)
-
-
 # ==============================================================================================
 # vLLM: the colocated engine
 # ==============================================================================================
@@ -340,7 +334,6 @@ def create_engine(args, cfg, gpu_memory_utilization):
     Each data-parallel group gets its own seed, or all groups would sample the same texts.
     """
     from vllm import LLM
-    from megatron.core import parallel_state as ps
     return LLM(
         model=args.hf_dir, tensor_parallel_size=args.tp, distributed_executor_backend="external_launcher",
         enable_sleep_mode=True, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
@@ -358,18 +351,10 @@ def sync_weights(model, llm, cfg):
     """Megatron -> vLLM, one full tensor at a time (convert.export_hf gathers TP shards and PP
     stages and splits fused qkv / gate-up back to HF names; vLLM's Qwen2 loader re-fuses and
     re-shards them its own way). load_weights copies into the existing bf16 tensors in place,
-    so vLLM's CUDA graphs stay valid. Returns the number of tensors sent."""
-    n = 0
-
-    def counted(it):
-        nonlocal n
-        for name_tensor in it:
-            n += 1
-            yield name_tensor
-    vllm_model(llm).load_weights(counted(convert.export_hf(model.module, cfg)))
+    so vLLM's CUDA graphs stay valid."""
+    vllm_model(llm).load_weights(convert.export_hf(model.module, cfg))
     # Cached prefixes were computed with the old weights: reusing them would be silently wrong.
     llm.reset_prefix_cache()
-    return n
 
 
 def generate(llm, prompts, sampling_params):
@@ -502,13 +487,7 @@ def log0(*a):
 def run(args):
     cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
     convert.check_parallel_sizes(cfg, args.tp, args.pp)
-    meta = os.path.join(args.load, "model_config.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            saved = json.load(f)
-        diff = [k for k in convert.SHAPE_KEYS if saved.get(k) != cfg[k]]
-        if diff:
-            raise UserError(f"--load holds another model than --hf-dir ({', '.join(diff)} differ)")
+    convert.check_mcore_shape(args.load, cfg, os.path.join(args.hf_dir, "config.json"))
     if not torch.cuda.is_available():
         raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them)")
     convert.init_distributed(args.tp, args.pp, use_cuda=True)
@@ -537,13 +516,13 @@ def run(args):
 
     # ---- models ---------------------------------------------------------------------------
     model, optimizer = build_trainer(cfg, args)
-    load_checkpoint(model.module, args.load)
+    convert.load_mcore(model.module, args.load)
     ref = None
     if args.kl_coef > 0 or not args.no_kl_log:
         # The frozen initial policy, for KL. Only bf16 params on the GPU: no grads, no optimizer.
         ref = convert.build_model(cfg, convert.transformer_config(cfg, torch.bfloat16, args.tp, args.pp,
                                                                  variable_seq_lengths=args.pp > 1)).cuda()
-        load_checkpoint(ref, args.load)
+        convert.load_mcore(ref, args.load)
         ref.requires_grad_(False)
     offload_trainer(model, optimizer)
     free, total = torch.cuda.mem_get_info()
@@ -685,7 +664,6 @@ def run(args):
                   + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_"))
                   + (f" eval_acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""), flush=True)
     # ---- final checkpoint ----------------------------------------------------------------------
-    from megatron.core import dist_checkpointing
     final = os.path.join(args.out, "final")
     if rank == 0 and os.path.isdir(final):
         import shutil
@@ -694,10 +672,7 @@ def run(args):
     if rank == 0:
         os.makedirs(final)
     dist.barrier()
-    dist_checkpointing.save(model.module.sharded_state_dict(), final)
-    if rank == 0:
-        with open(os.path.join(final, "model_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+    convert.save_mcore(model.module, cfg, final)
     dist.barrier()
     log0(f"saved the policy to {final}")
     del llm

@@ -389,7 +389,7 @@ def logits_main(argv):
     Megatron checkpoint, through megatron's own pipeline schedule (so PP=2 really pipelines)."""
     import torch
     import convert
-    from megatron.core import dist_checkpointing, parallel_state as ps, tensor_parallel
+    from megatron.core import parallel_state as ps, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
     ckpt, cfg_json, tokens_pt, out_pt, tp, pp = argv[0], argv[1], argv[2], argv[3], int(argv[4]), int(argv[5])
     cfg = convert.resolve_config("custom", cfg_json)
@@ -399,7 +399,7 @@ def logits_main(argv):
         cfg, torch.float32, tp, pp, use_cpu_initialization=not cuda, perform_initialization=False))
     if cuda:
         model.cuda()
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    convert.load_mcore(model, ckpt)
     tokens = torch.load(tokens_pt).to("cuda" if cuda else "cpu")
 
     def step(it, model):
@@ -543,7 +543,7 @@ def test_convert_bad_inputs_fail_with_one_line_and_write_nothing(tiny_ckpts, tmp
         (("custom", hf, mc, "false", "false", "bf16"), ["not empty", "--force"]),
         (("custom", hf, target, "false", "false", "bf16", "--tp", "3"), ["TP=3 does not divide num_key_value_heads=2"]),
         (("custom", hf, target, "true", "false", "bf16", hf), ["not a Megatron dist checkpoint"]),
-        (("custom", mc, target, "true", "false", "bf16", str(root / "hf_untied")), ["another shape", "tie_word_embeddings"]),
+        (("custom", mc, target, "true", "false", "bf16", str(root / "hf_untied")), ["another model", "tie_word_embeddings"]),
     ]
     for args, words in cases:
         assert_one_line_error(run_script("convert.py", *args), *words)
@@ -631,7 +631,7 @@ def trainstep_main(argv):
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
     model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
-    grpo.load_checkpoint(model.module, ckpt)
+    convert.load_mcore(model.module, ckpt)
     samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
                {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}]
     batch = grpo.make_batch(samples)
