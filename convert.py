@@ -131,6 +131,11 @@ def sdpa_core_attention_class():
 
 def transformer_config(cfg, dtype, tp=1, pp=1, use_cpu_initialization=False, perform_initialization=True, **extra):
     """megatron-core TransformerConfig of a Qwen2 shape: RMSNorm, SwiGLU, RoPE, bias on qkv only."""
+    if extra.get("variable_seq_lengths"):
+        # megatron-core 0.16.1 rejects variable_seq_lengths (needed by PP > 1 with our trimmed
+        # micro batches) next to its default MoE token dispatcher "allgather", even for a dense
+        # model that has no MoE layer at all: name the other dispatcher to pass that check.
+        extra.setdefault("moe_token_dispatcher_type", "alltoall")
     from megatron.core.transformer import TransformerConfig
     return TransformerConfig(
         num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],

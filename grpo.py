@@ -340,7 +340,12 @@ def create_engine(args, cfg, gpu_memory_utilization):
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=args.max_len,
         seed=args.seed + dist.get_rank() // args.tp, enable_prefix_caching=True,
         # log-probs after temperature, comparable with the trainer's logits / T
-        logprobs_mode="processed_logprobs", max_num_seqs=args.max_num_seqs)
+        logprobs_mode="processed_logprobs", max_num_seqs=args.max_num_seqs,
+        # With TP > 1 vLLM fuses all-reduce + RMSNorm through FlashInfer's MNNVL all-reduce, and
+        # its custom all-reduce maps peer memory over CUDA IPC. Both need NVLink features that
+        # shared hosts often switch off (seen: CUBLAS_STATUS_INTERNAL_ERROR, then an illegal
+        # memory access, at engine start on 2 x H200). NCCL alone is enough for rollouts.
+        disable_custom_all_reduce=True, compilation_config={"pass_config": {"fuse_allreduce_rms": False}})
 
 
 def vllm_model(llm):

@@ -602,6 +602,23 @@ def test_one_train_step_at_tp2_matches_tp1(tiny_ckpts, tmp_path):
     assert res[1]["stats"]["grad_norm"] == pytest.approx(res[0]["stats"]["grad_norm"], rel=1e-4)
 
 
+def test_one_train_step_at_pp2_matches_pp1(tiny_ckpts, tmp_path):
+    """Pipeline parallel: micro batches of different lengths flow through megatron's 1F1B
+    schedule (variable_seq_lengths) and give the same update as one stage."""
+    root = tiny_ckpts["root"]
+    res = []
+    for nproc, flags in ((1, []), (2, ["--pp", "2"])):
+        out = tmp_path / f"step{nproc}.json"
+        p = run_shimmed("trainstep", str(root / "mc_untied"), str(root / "hf_untied"), str(out),
+                        "--no-distributed-optimizer", "--grad-clip", "0", "--micro-batch-tokens", "8", *flags, nproc=nproc)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res.append(json.loads(out.read_text()))
+    assert res[1]["before"] == pytest.approx(res[0]["before"], abs=1e-4)
+    assert res[1]["after"] == pytest.approx(res[0]["after"], abs=1e-3)
+    assert res[1]["stats"]["loss"] == pytest.approx(res[0]["stats"]["loss"], abs=1e-5)
+    assert res[1]["stats"]["grad_norm"] == pytest.approx(res[0]["stats"]["grad_norm"], rel=1e-4)
+
+
 def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     mc, hf = str(root / "mc_tied"), str(root / "hf_tied")
