@@ -619,6 +619,54 @@ def test_one_train_step_at_pp2_matches_pp1(tiny_ckpts, tmp_path):
     assert res[1]["stats"]["grad_norm"] == pytest.approx(res[0]["stats"]["grad_norm"], rel=1e-4)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_tokenizer(path, texts):
+    """A small BPE tokenizer with Qwen's chat markers and a ChatML template, trained offline on
+    `texts` (no hub): stands in for Qwen2.5's tokenizer in tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_prompts_are_chat_templated_and_long_ones_dropped(math_dir, tmp_path):
+    import grpo
+    out = str(tmp_path / "data")
+    assert run_script("prepare.py", "--input_dir", math_dir, "--local_dir", out).returncode == 0
+    rows = grpo.load_prompt_file(os.path.join(out, "train.json"))
+    tok = make_tiny_tokenizer(str(tmp_path / "tok"), [r[0][0]["content"] for r in rows] * 5)
+    kept, dropped = grpo.tokenize(tok, rows, max_prompt_len=10**6)
+    assert dropped == 0 and len(kept) == len(rows) == 20
+    text = tok.decode(kept[0][0])
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert kept[0][1] == rows[0][1]
+    n = max(len(ids) for ids, _ in kept) - 1
+    kept, dropped = grpo.tokenize(tok, rows, max_prompt_len=n)
+    assert dropped > 0 and all(len(ids) <= n for ids, _ in kept) and len(kept) + dropped == 20
+
+
+def test_malformed_prompt_file_is_a_user_error(tmp_path):
+    import grpo
+    from convert import UserError
+    bad = tmp_path / "train.json"
+    bad.write_text('{"prompt": [], "reward_model": {"ground_truth": "1"}}\n{"oops": 1}\n')
+    with pytest.raises(UserError, match="line 2"):
+        grpo.load_prompt_file(str(bad))
+    with pytest.raises(UserError, match="not found"):
+        grpo.load_prompt_file(str(tmp_path / "none.json"))
+
+
 def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     mc, hf = str(root / "mc_tied"), str(root / "hf_tied")
@@ -749,6 +797,33 @@ def test_gpu_qwen25_05b_shape_converts_and_runs_three_steps(tmp_path):
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(m) == 3 and all(math.isfinite(x["loss"]) for x in m)
     assert max(x["logp_diff_vllm_megatron"] for x in m) < 0.02
+
+
+@gpu
+def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
+    """The real data path: prepare.py's prompts, chat template, decode, math_reward in worker
+    processes, and evaluation on the test split (a tiny random model with a tiny tokenizer)."""
+    data = str(tmp_path / "data")
+    assert run_script("prepare.py", "--input_dir", math_dir, "--local_dir", data).returncode == 0
+    texts = [json.loads(line)["prompt"][0]["content"] for line in open(os.path.join(data, "train.json"))]
+    tok = make_tiny_tokenizer(str(tmp_path / "hf"), texts * 5 + ["\\boxed{12} The answer is"] * 20)
+    vocab = (len(tok) + 63) // 64 * 64
+    cfg = dict(tiny_qwen_config(True), vocab_size=vocab, hidden_size=256, intermediate_size=512,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    gpu_hf_model(str(tmp_path / "hf"), cfg)
+    p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
+                   "--hf-dir", str(tmp_path / "hf"), "--data", data, "--out", str(tmp_path / "out"),
+                   "--steps", "2", "--prompts-per-step", "8", "--n-samples-per-prompt", "4", "--max-len", "256",
+                   "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "7",
+                   "--gpu-memory-utilization", "0.3", timeout=900)
+    print(p.stdout[-4000:])
+    assert p.returncode == 0, p.stderr[-5000:]
+    assert "prompts: 20 train (0 dropped" in p.stdout
+    m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert len(m) == 2 and "eval_accuracy" in m[1] and 0.0 <= m[1]["eval_accuracy"] <= 1.0
+    assert all(0.0 <= x["reward"] <= 1.0 and x["logp_diff_vllm_megatron"] < 0.02 for x in m)
 
 
 def shim_main(argv):
