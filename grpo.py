@@ -205,7 +205,12 @@ def micro_batches(batch, max_tokens):
 # Megatron: model, optimizer, log-probs, one update
 # ==============================================================================================
 def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
-    """Policy (DDP-wrapped GPTModel) and Megatron's (distributed) Adam."""
+    """Policy (DDP-wrapped GPTModel, loaded from args.load) and Megatron's (distributed) Adam.
+
+    The checkpoint is loaded *before* the optimizer is built: a mixed-precision optimizer copies
+    the bf16 weights into its fp32 master weights when it is created and writes those back after
+    every step, so weights loaded later would be replaced by the random init at the first step.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     # calculate_per_token_loss: the loss function returns (sum, token count); Megatron sums both
@@ -216,6 +221,7 @@ def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
     model = convert.build_model(cfg, config)
     if device != "cpu":
         model.cuda()
+    convert.load_mcore(model, args.load)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.distributed_optimizer,
         average_in_collective=False, overlap_grad_reduce=False)
@@ -521,7 +527,6 @@ def run(args):
 
     # ---- models ---------------------------------------------------------------------------
     model, optimizer = build_trainer(cfg, args)
-    convert.load_mcore(model.module, args.load)
     ref = None
     if args.kl_coef > 0 or not args.no_kl_log:
         # The frozen initial policy, for KL. Only bf16 params on the GPU: no grads, no optimizer.

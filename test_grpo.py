@@ -695,8 +695,7 @@ def trainstep_main(argv):
     args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log", *argv[3:]])
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
-    model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
-    convert.load_mcore(model.module, ckpt)
+    model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")   # loads args.load
     samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
                {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}]
     batch = grpo.make_batch(samples)
@@ -824,6 +823,10 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(m) == 2 and "eval_accuracy" in m[1] and 0.0 <= m[1]["eval_accuracy"] <= 1.0
     assert all(0.0 <= x["reward"] <= 1.0 and x["logp_diff_vllm_megatron"] < 0.02 for x in m)
+    if m[0]["reward_std"] == 0:
+        # all samples scored alike -> zero advantages -> zero gradient: the policy must still be
+        # the loaded one (a bf16 optimizer built before loading would reset it to its random init)
+        assert m[0]["grad_norm"] == 0 and m[1]["kl"] < 1e-3
 
 
 def shim_main(argv):
