@@ -330,6 +330,112 @@ def restore_trainer(model, optimizer):
 
 
 # ==============================================================================================
+# Checkpoints: resume where a killed run stopped
+# ==============================================================================================
+def complete_checkpoints(root):
+    """[(step, path)] of the finished checkpoints under root, oldest first. A save is written to
+    step_N.tmp and renamed when every rank is done, so a run killed while saving leaves only a
+    .tmp folder, which is ignored here and cleared by the next save."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "train_state.json")):
+            out.append((int(name[5:]), path))
+    return sorted(out)
+
+
+def _train_state_dict(model, optimizer, is_loading=False):
+    # the unwrapped GPTModel's keys: the same as convert.py's, so convert.py exports either
+    msd = model.module.sharded_state_dict()
+    return {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=is_loading)}
+
+
+def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
+    """Model + optimizer (dist_checkpointing, any TP/PP can load it), the loop's position and
+    every rank's RNG states; then drop all but the newest `keep_last` checkpoints."""
+    import shutil
+    from megatron.core import dist_checkpointing, tensor_parallel
+    path = os.path.join(root, f"step_{step:06d}")
+    tmp = path + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_train_state_dict(model, optimizer), tmp)
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()},
+               os.path.join(tmp, f"rng_{dist.get_rank():05d}.pt"))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:   # written last: marks it complete
+            json.dump(dict(train_state, step=step), f)
+        os.replace(tmp, path)
+        for _, old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore what save_checkpoint wrote; returns the train state (step, data position)."""
+    from megatron.core import dist_checkpointing, tensor_parallel
+    state = dist_checkpointing.load(_train_state_dict(model, optimizer, is_loading=True), path)
+    model.module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng_file = os.path.join(path, f"rng_{dist.get_rank():05d}.pt")
+    if os.path.isfile(rng_file):    # absent when resuming with another number of ranks
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["megatron"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+def keep_metrics_up_to(path, step):
+    """On resume, forget logged steps after the checkpoint: they are about to be redone."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+def start_wandb(args, cfg, resume_step):
+    """wandb on the logging rank, or None. No network or no key -> offline mode; any failure ->
+    a warning and no wandb: monitoring must never stop a training run."""
+    if not args.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("warning: wandb is not installed (pip install wandb); logging to metrics.jsonl only", flush=True)
+        return None
+    id_file = os.path.join(args.out, "wandb_id.txt")
+    run_id = open(id_file).read().strip() if resume_step and os.path.isfile(id_file) else None
+    kwargs = dict(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
+                  config=dict(vars(args), model=cfg), dir=args.out)
+    modes = ["online", "offline"] if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline" else ["offline"]
+    for mode in modes:
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
+            with open(id_file, "w") as f:
+                f.write(run.id)
+            print(f"wandb: {mode} run {run.id} in project {args.wandb_project}", flush=True)
+            return run
+        except Exception as e:
+            print(f"warning: wandb {mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", flush=True)
+    return None
+
+
+# ==============================================================================================
 # vLLM: the colocated engine
 # ==============================================================================================
 def create_engine(args, cfg, gpu_memory_utilization):
@@ -429,7 +535,13 @@ def parse_args(argv):
     g.add_argument("--load", required=True, help="Megatron checkpoint of the initial policy (convert.py output)")
     g.add_argument("--hf-dir", required=True, help="HF folder of the same model: config.json (for vLLM) and tokenizer")
     g.add_argument("--data", default="dataset/MATH-lighteval", help="folder with prepare.py's train.json / test.json")
-    g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl and the final checkpoint")
+    g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl, checkpoints/ and final/")
+    g.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (0: only the final policy)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start from --load even if OUT/checkpoints holds a checkpoint (default: resume from the newest)")
+    g.add_argument("--wandb-project", default=None, help="log to this wandb project (run.sh sets it when enable_wandb=True)")
+    g.add_argument("--wandb-name", default=None, help="wandb run name")
     g.add_argument("--model-size", default="custom", help="Qwen2.5 size to check the checkpoint against, or custom")
     g = p.add_argument_group("GRPO (defaults follow the reference example)")
     g.add_argument("--steps", type=int, default=100, help="optimizer steps (one per rollout batch)")
@@ -468,6 +580,8 @@ def parse_args(argv):
                    help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
     g.add_argument("--toy-prompt-len", type=int, default=8)
     a = p.parse_args(argv)
+    if a.keep_last < 1:
+        raise UserError("--keep-last must be >= 1")
     if a.n_samples_per_prompt < 2:
         raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
     if a.max_prompt_len >= a.max_len:
@@ -534,6 +648,11 @@ def run(args):
                                                                  variable_seq_lengths=args.pp > 1)).cuda()
         convert.load_mcore(ref, args.load)
         ref.requires_grad_(False)
+    resume_from = complete_checkpoints(os.path.join(args.out, "checkpoints"))[-1:] if args.resume else []
+    train_state = None
+    if resume_from:
+        train_state = load_checkpoint(resume_from[0][1], model, optimizer)
+        log0(f"resuming after step {train_state['step']} from {resume_from[0][1]}")
     offload_trainer(model, optimizer)
     free, total = torch.cuda.mem_get_info()
     util = args.gpu_memory_utilization or max(0.05, (free - 4 * 2**30) / total)
@@ -552,14 +671,22 @@ def run(args):
                                     max_tokens=max_new_tokens,
                                     logprobs=0, stop_token_ids=stop_ids or None, seed=None)
     os.makedirs(args.out, exist_ok=True)
+    ckpt_root = os.path.join(args.out, "checkpoints")
     log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if log_rank else None
     rollout_groups, group = world // args.tp, rank // args.tp    # one vLLM engine per TP group
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
-    cursor = 0
+    cursor, start = 0, 1
+    if train_state is not None:
+        order, cursor, start = train_state["order"], train_state["cursor"], train_state["step"] + 1
+    metrics_file = None
+    if log_rank:
+        if train_state is not None:
+            keep_metrics_up_to(os.path.join(args.out, "metrics.jsonl"), train_state["step"])
+        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    wandb_run = start_wandb(args, cfg, start - 1) if log_rank else None
     from tqdm import tqdm
-    bar = tqdm(range(1, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr)
+    bar = tqdm(range(start, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr)
 
     for step in bar:
         m, times = {"step": step}, {}
@@ -616,6 +743,13 @@ def run(args):
         stats = train_on_batch(model, optimizer, batch, args)
         torch.cuda.synchronize()
         times["update"] = time.time() - t
+        if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
+            # Saved right after the update, while the optimizer state is on the GPU. A run killed
+            # after this point resumes at step + 1; killed before it, it redoes this step (from
+            # the previous checkpoint on): no completed step is lost or done twice.
+            t = time.time()
+            save_checkpoint(ckpt_root, step, model, optimizer, cfg, {"order": order, "cursor": cursor}, args.keep_last)
+            times["save"] = time.time() - t
         # ---- 6. weight sync --------------------------------------------------------------
         t = time.time()
         used_in_update = total - torch.cuda.mem_get_info()[0]
@@ -667,6 +801,8 @@ def run(args):
         if metrics_file:
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(m, step=step)
             print(f"step {step}: reward {m['reward']:.3f} loss {m['loss']:.4f} kl {m['kl']:.4f} "
                   f"clip {m['clip_frac']:.3f} |logp diff| {m['logp_diff_vllm_megatron']:.4f} "
                   f"len {m['response_len_mean']:.0f} grad {m['grad_norm']:.3f} "
@@ -685,6 +821,8 @@ def run(args):
     convert.save_mcore(model.module, cfg, final)
     dist.barrier()
     log0(f"saved the policy to {final}")
+    if wandb_run is not None:
+        wandb_run.finish()
     del llm
     convert.shutdown_distributed()
 

@@ -667,6 +667,28 @@ def test_malformed_prompt_file_is_a_user_error(tmp_path):
         grpo.load_prompt_file(str(tmp_path / "none.json"))
 
 
+@pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--tp", "2"])])
+def test_checkpoint_round_trip_and_resume_after_a_killed_save(tiny_ckpts, tmp_path, nproc, flags):
+    root = tiny_ckpts["root"]
+    result = tmp_path / "ckpt.json"
+    p = run_shimmed("ckpt", str(root / "mc_untied"), str(root / "hf_untied"), str(tmp_path / "out"), str(result),
+                    "--no-distributed-optimizer", "--grad-clip", "0", *flags, nproc=nproc)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(result.read_text())
+    assert r["listing"] == ["step_000002", "step_000003", "step_000004.tmp"]   # keep_last=2; the half save
+    assert r["step"] == 3 and r["state"] == {"order": [3, 1, 2], "cursor": 24, "step": 3}
+    assert r["same_params"] and r["same_opt"] and r["n_opt_state"] > 0
+    assert r["same_next"]
+
+
+def test_resume_drops_metrics_of_steps_that_will_be_redone(tmp_path):
+    import grpo
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in range(1, 6)))
+    grpo.keep_metrics_up_to(str(path), 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     mc, hf = str(root / "mc_tied"), str(root / "hf_tied")
@@ -829,6 +851,49 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
         assert m[0]["grad_norm"] == 0 and m[1]["kl"] < 1e-3
 
 
+def ckpt_main(argv):
+    """`test_grpo.py ckpt CKPT HF_DIR OUT_DIR RESULT_JSON [flags]`: three GRPO updates with a
+    checkpoint after each (keep 2), a save killed half-way (a stale step_4.tmp), then a fresh
+    trainer resumes from the newest complete checkpoint."""
+    import torch
+    import convert
+    import grpo
+    ckpt, hf_dir, out, result = argv[:4]
+    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log", *argv[4:]])
+    cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
+    convert.init_distributed(args.tp, args.pp, use_cuda=False)
+    model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    batch = grpo.make_batch([{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13], "advantage": 1.0},
+                             {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}])
+    batch["old_logp"] = grpo.compute_logprobs(model, batch, args)
+    root = os.path.join(out, "checkpoints")
+    for step in (1, 2, 3):
+        grpo.train_on_batch(model, optimizer, batch, args)
+        grpo.save_checkpoint(root, step, model, optimizer, cfg, {"order": [3, 1, 2], "cursor": step * 8}, keep_last=2)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved_opt = optimizer.state_dict()
+    if int(os.environ.get("RANK", "0")) == 0:
+        os.makedirs(os.path.join(root, "step_000004.tmp"))          # killed while saving step 4
+    torch.distributed.barrier()
+    listing = sorted(os.listdir(root))
+    fresh, fresh_opt = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    (step, path), = grpo.complete_checkpoints(root)[-1:]
+    state = grpo.load_checkpoint(path, fresh, fresh_opt)
+    same_params = all(torch.equal(p, saved[n]) for n, p in fresh.named_parameters())
+    inner = lambda sd: sd.get("optimizer", sd)["state"]     # noqa: E731 (mixed-precision optimizers nest it)
+    a, b = inner(saved_opt), inner(fresh_opt.state_dict())
+    same_opt = sorted(a) == sorted(b) and all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+    # one more identical update on both: the resumed trainer continues exactly
+    grpo.train_on_batch(model, optimizer, batch, args)
+    grpo.train_on_batch(fresh, fresh_opt, batch, args)
+    same_next = all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(result, "w") as f:
+            json.dump({"listing": listing, "step": step, "state": state, "same_params": same_params,
+                       "same_opt": same_opt, "same_next": same_next, "n_opt_state": len(b)}, f)
+    convert.shutdown_distributed()
+
+
 def shim_main(argv):
     """`python test_grpo.py SCRIPT ARGS...`: SCRIPT's main(ARGS) with the CPU shims."""
     import importlib
@@ -839,6 +904,8 @@ def shim_main(argv):
         return logits_main(argv[1:])
     if argv[0] == "trainstep":
         return trainstep_main(argv[1:])
+    if argv[0] == "ckpt":
+        return ckpt_main(argv[1:])
     importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
 
 
