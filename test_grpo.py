@@ -738,6 +738,65 @@ def trainstep_main(argv):
 
 
 # ==============================================================================================
+# run.sh
+# ==============================================================================================
+def run_sh(*args, env=None):
+    e = {k: v for k, v in os.environ.items() if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb")}
+    e.update(env or {})
+    return subprocess.run(["bash", "run.sh", *args], cwd=HERE, capture_output=True, text=True, env=e, timeout=60)
+
+
+def test_run_sh_help_documents_every_variable():
+    p = run_sh("--help")
+    assert p.returncode == 0
+    for var in ("MODEL_SIZE", "MODEL_DIR", "DATA_DIR", "CKPT_DIR", "GPUS_PER_NODE", "TP", "PP", "NNODES",
+                "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "enable_wandb", "wandb_project", "WANDB_API_KEY"):
+        assert f"  {var} " in p.stdout, var
+
+
+def test_run_sh_dry_run_prints_the_pipeline_and_never_the_key(tmp_path):
+    p = run_sh("--dry-run", "--steps", "5", env={"MODEL_SIZE": "7B", "GPUS_PER_NODE": "8", "enable_wandb": "True",
+                                                "WANDB_API_KEY": "sk-very-secret", "CKPT_DIR": str(tmp_path / "ck"),
+                                                "DATA_DIR": str(tmp_path / "data"), "MODEL_DIR": str(tmp_path / "m")})
+    assert p.returncode == 0, p.stderr
+    assert "sk-very-secret" not in p.stdout + p.stderr and "WANDB_API_KEY=set" in p.stdout
+    cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("+ ")]
+    assert [c.split()[1] if c.startswith("python") else c.split()[0] for c in cmds] == \
+        ["prepare.py", "prepare.py", "prepare.py", "torchrun", "torchrun", "torchrun"]
+    assert "download --local_dir" in cmds[0] and "download-model --model Qwen/Qwen2.5-7B-Instruct" in cmds[2]
+    assert "--nproc_per_node 2 convert.py 7B" in cmds[3] and "--tp 2 --pp 1" in cmds[3]          # 7B: TP=2 default
+    assert "--nproc_per_node 8 grpo.py" in cmds[4] and "--wandb-project grpo-megatron --steps 5" in cmds[4]
+    assert cmds[5].endswith(f"true true bf16 {tmp_path / 'm'} --tp 2 --pp 1 --force")
+    assert not os.path.exists(tmp_path / "ck")                                                    # ran nothing
+
+
+def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
+    data = tmp_path / "data"
+    assert run_script("prepare.py", "--input_dir", math_dir, "--local_dir", str(data)).returncode == 0
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "ck" / "mcore").mkdir(parents=True)
+    (tmp_path / "ck" / "mcore" / "metadata.json").write_text("{}")
+    p = run_sh("--dry-run", env={"MODEL_SIZE": "0.5B", "GPUS_PER_NODE": "1", "CKPT_DIR": str(tmp_path / "ck"),
+                                 "DATA_DIR": str(data), "MODEL_DIR": str(tmp_path / "m")})
+    assert p.returncode == 0, p.stderr
+    cmds = [line for line in p.stdout.splitlines() if line.startswith("+ ")]
+    assert len(cmds) == 2 and "grpo.py" in cmds[0] and "convert.py 0.5B" in cmds[1]
+    assert p.stdout.count("= skip:") == 3 and "--wandb-project" not in cmds[0]
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"MODEL_SIZE": "9B"}, ["MODEL_SIZE=9B"]),
+    ({"TP": "3"}, ["TP=3", "divisible by 3"]),
+    ({"GPUS_PER_NODE": "x"}, ["GPUS_PER_NODE=x is not a number"]),
+    ({"enable_wandb": "yes"}, ["enable_wandb=yes"]),
+    ({"GPUS_PER_NODE": "2", "TP": "4", "NNODES": "2"}, ["more than GPUS_PER_NODE=2"]),
+])
+def test_run_sh_bad_settings_fail_with_one_line(env, words):
+    assert_one_line_error(run_sh("--dry-run", env=env), *words)
+
+
+# ==============================================================================================
 # GPU (run on a CUDA machine with vllm: python -m pytest -q -k gpu test_grpo.py -s)
 # ==============================================================================================
 def gpu_hf_model(path, cfg, dtype="float32"):

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The whole pipeline, as the reference example's run_grpo_qwen.sh: prepare -> convert -> train ->
+# export, each step skipped when its output already exists (so a rerun after a crash resumes).
+#
+#   bash run.sh                                   # Qwen2.5-7B-Instruct on 8 GPUs
+#   MODEL_SIZE=0.5B GPUS_PER_NODE=1 bash run.sh --steps 50
+#   enable_wandb=True wandb_project=my-proj WANDB_API_KEY=... bash run.sh
+#   bash run.sh --dry-run                         # print the commands, run nothing
+#   bash run.sh --help
+#
+# Arguments other than --dry-run / --help are passed on to grpo.py.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+cat <<'EOF'
+usage: [VAR=value ...] bash run.sh [--dry-run] [grpo.py flags ...]
+
+Runs prepare.py (download + preprocess), convert.py (HF -> Megatron), torchrun grpo.py, and
+convert.py again (final policy -> HF), skipping each step whose output exists.
+
+Environment variables (default in brackets):
+  MODEL_SIZE      Qwen2.5 size: 0.5B 1.5B 3B 7B 14B 32B 72B                 [7B]
+  MODEL_DIR       HF checkpoint folder (downloaded if it has no config.json) [Qwen2.5-$MODEL_SIZE-Instruct]
+  MODEL_ID        modelscope id to download                                 [Qwen/Qwen2.5-$MODEL_SIZE-Instruct]
+  DATA_DIR        MATH-lighteval folder; train.json/test.json are written here [dataset/MATH-lighteval]
+  CKPT_DIR        where mcore/ (converted), grpo/ (run) and hf/ (export) go  [ckpts/Qwen2.5-$MODEL_SIZE]
+  GPUS_PER_NODE   processes (GPUs) per node                                  [8]
+  TP              tensor parallel size       [1 for <=3B, 2 for 7B, 4 for 14B, 8 for 32B/72B]
+  PP              pipeline parallel size                                     [1]
+  NNODES          nodes                                                      [1]
+  NODE_RANK       this node's rank (prepare/convert/export run on node 0)    [0]
+  MASTER_ADDR     rendezvous host for torchrun                               [127.0.0.1]
+  MASTER_PORT     rendezvous port                                            [29500]
+  enable_wandb    True: log to wandb (offline if there is no network)        [False]
+  wandb_project   wandb project                                              [grpo-megatron]
+  WANDB_API_KEY   wandb key (never printed)                                  [unset]
+  DRY_RUN         1: same as --dry-run                                       [0]
+EOF
+}
+
+DRY_RUN=${DRY_RUN:-0}
+extra=()
+for a in "$@"; do
+  case "$a" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) extra+=("$a") ;;
+  esac
+done
+
+die() { echo "error: $*" >&2; exit 1; }
+
+MODEL_SIZE=${MODEL_SIZE:-7B}
+case "$MODEL_SIZE" in
+  0.5B|1.5B|3B) tp_default=1 ;;
+  7B) tp_default=2 ;;
+  14B) tp_default=4 ;;
+  32B|72B) tp_default=8 ;;
+  *) die "MODEL_SIZE=$MODEL_SIZE is not one of 0.5B 1.5B 3B 7B 14B 32B 72B" ;;
+esac
+MODEL_DIR=${MODEL_DIR:-Qwen2.5-$MODEL_SIZE-Instruct}
+MODEL_ID=${MODEL_ID:-Qwen/Qwen2.5-$MODEL_SIZE-Instruct}
+DATA_DIR=${DATA_DIR:-dataset/MATH-lighteval}
+CKPT_DIR=${CKPT_DIR:-ckpts/Qwen2.5-$MODEL_SIZE}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TP=${TP:-$tp_default}
+PP=${PP:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+enable_wandb=${enable_wandb:-False}
+wandb_project=${wandb_project:-grpo-megatron}
+
+for v in GPUS_PER_NODE TP PP NNODES NODE_RANK MASTER_PORT; do
+  [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 0 ]] || die "$v=${!v} is not a number"
+done
+(( TP >= 1 && PP >= 1 && GPUS_PER_NODE >= 1 && NNODES >= 1 )) || die "TP, PP, GPUS_PER_NODE and NNODES must be >= 1"
+world=$(( GPUS_PER_NODE * NNODES ))
+(( world % (TP * PP) == 0 )) || die "$world GPUs cannot be split into TP=$TP x PP=$PP groups; use GPUS_PER_NODE x NNODES divisible by $(( TP * PP ))"
+(( TP * PP <= GPUS_PER_NODE )) || die "conversion runs TP x PP = $(( TP * PP )) processes on one node, more than GPUS_PER_NODE=$GPUS_PER_NODE"
+case "$enable_wandb" in
+  True|true|1) wandb_on=1 ;;
+  False|false|0|"") wandb_on=0 ;;
+  *) die "enable_wandb=$enable_wandb: use True or False" ;;
+esac
+
+echo "settings: MODEL_SIZE=$MODEL_SIZE MODEL_DIR=$MODEL_DIR DATA_DIR=$DATA_DIR CKPT_DIR=$CKPT_DIR"
+echo "          GPUS_PER_NODE=$GPUS_PER_NODE NNODES=$NNODES NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT TP=$TP PP=$PP"
+echo "          enable_wandb=$enable_wandb wandb_project=$wandb_project WANDB_API_KEY=$([[ -n ${WANDB_API_KEY:-} ]] && echo set || echo unset)"
+echo "          grpo.py extra flags: ${extra[*]:-(none)}"
+
+run() {   # print a step's command; run it unless this is a dry run
+  echo "+ $*"
+  [[ $DRY_RUN == 1 ]] || "$@"
+}
+skip() { echo "= skip: $*"; }
+
+MCORE=$CKPT_DIR/mcore
+OUT=$CKPT_DIR/grpo
+HF_OUT=$CKPT_DIR/hf
+convert_cmd=(python convert.py)
+(( TP * PP > 1 )) && convert_cmd=(torchrun --nproc_per_node $(( TP * PP )) convert.py)
+
+if (( NODE_RANK == 0 )); then
+  # 1. data
+  if [[ -f $DATA_DIR/train.json && -f $DATA_DIR/test.json ]]; then
+    skip "prompt set $DATA_DIR/{train,test}.json exists"
+  else
+    if compgen -G "$DATA_DIR/data/train-*.parquet" >/dev/null; then
+      skip "MATH-lighteval parquet files are in $DATA_DIR/data"
+    else
+      run python prepare.py download --local_dir "$DATA_DIR"
+    fi
+    run python prepare.py --input_dir "$DATA_DIR" --local_dir "$DATA_DIR"
+  fi
+  # 2. model
+  if [[ -f $MODEL_DIR/config.json ]]; then
+    skip "model $MODEL_DIR exists"
+  else
+    run python prepare.py download-model --model "$MODEL_ID" --local_dir "$MODEL_DIR"
+  fi
+  # 3. HF -> Megatron
+  if [[ -f $MCORE/metadata.json ]]; then
+    skip "Megatron checkpoint $MCORE exists"
+  else
+    run "${convert_cmd[@]}" "$MODEL_SIZE" "$MODEL_DIR" "$MCORE" false true bf16 --tp "$TP" --pp "$PP"
+  fi
+fi
+
+# 4. train (resumes from $OUT/checkpoints by itself)
+wandb_args=()
+(( wandb_on )) && wandb_args=(--wandb-project "$wandb_project")
+run torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --nproc_per_node "$GPUS_PER_NODE" grpo.py --load "$MCORE" --hf-dir "$MODEL_DIR" --data "$DATA_DIR" \
+    --out "$OUT" --model-size "$MODEL_SIZE" --tp "$TP" --pp "$PP" "${wandb_args[@]}" "${extra[@]}"
+
+# 5. final policy -> HF (loadable by transformers and vLLM)
+if (( NODE_RANK == 0 )); then
+  if [[ -f $HF_OUT/config.json && $HF_OUT/config.json -nt $OUT/final/metadata.json ]]; then
+    skip "export $HF_OUT is newer than $OUT/final"
+  else
+    run "${convert_cmd[@]}" "$MODEL_SIZE" "$OUT/final" "$HF_OUT" true true bf16 "$MODEL_DIR" --tp "$TP" --pp "$PP" --force
+  fi
+  echo "done: trained policy in $HF_OUT"
+fi
