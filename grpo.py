@@ -460,6 +460,15 @@ def create_engine(args, cfg, gpu_memory_utilization):
         disable_custom_all_reduce=True, compilation_config={"pass_config": {"fuse_allreduce_rms": False}})
 
 
+def out_of_memory_hint(e, where):
+    """A UserError naming the fix if `e` is a GPU out-of-memory failure, else None."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "less than desired GPU memory" in text:
+        return UserError(f"GPU out of memory {where}; lower --gpu-memory-utilization, --max-num-seqs or "
+                         f"--micro-batch-tokens, or use a larger --tp ({text.splitlines()[0][:160]})")
+    return None
+
+
 def vllm_model(llm):
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
 
@@ -658,7 +667,10 @@ def run(args):
     util = args.gpu_memory_utilization or max(0.05, (free - 4 * 2**30) / total)
     log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
     t0 = time.time()
-    llm = create_engine(args, cfg, util)
+    try:
+        llm = create_engine(args, cfg, util)
+    except Exception as e:
+        raise out_of_memory_hint(e, "while starting vLLM") or e
     log0(f"vLLM engine up in {time.time() - t0:.0f}s")
     sync_weights(model, llm, cfg)
     from vllm import SamplingParams
@@ -755,7 +767,10 @@ def run(args):
         used_in_update = total - torch.cuda.mem_get_info()[0]
         offload_trainer(model, optimizer)
         free_before_wake = torch.cuda.mem_get_info()[0]
-        llm.wake_up(tags=["weights"])
+        try:
+            llm.wake_up(tags=["weights"])
+        except Exception as e:
+            raise out_of_memory_hint(e, "while waking vLLM after the update (the trainer kept too much)") or e
         times["wake"] = time.time() - t
         t = time.time()
         sync_weights(model, llm, cfg)

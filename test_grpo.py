@@ -689,6 +689,17 @@ def test_resume_drops_metrics_of_steps_that_will_be_redone(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
+def test_gpu_out_of_memory_becomes_a_hint_and_other_errors_pass_through():
+    import torch
+    import grpo
+    e = grpo.out_of_memory_hint(RuntimeError("CUDA Error: out of memory at cumem_allocator.cpp:163"), "while waking vLLM")
+    assert "GPU out of memory while waking vLLM" in str(e) and "--gpu-memory-utilization" in str(e)
+    assert grpo.out_of_memory_hint(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "x") is not None
+    assert grpo.out_of_memory_hint(ValueError("Free memory on device (3/79 GiB) on startup is less than desired GPU "
+                                              "memory utilization (0.9, 71 GiB)"), "x") is not None
+    assert grpo.out_of_memory_hint(KeyError("weights"), "x") is None
+
+
 def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     mc, hf = str(root / "mc_tied"), str(root / "hf_tied")
