@@ -585,6 +585,7 @@ def parse_args(argv):
     g.add_argument("--eval-interval", type=int, default=10, help="evaluate every N steps (0: never)")
     g.add_argument("--eval-prompts", type=int, default=500, help="test prompts per evaluation")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--trace", action="store_true", help="every rank prints each phase it enters (to locate hangs)")
     g.add_argument("--toy-token", type=int, default=None,
                    help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
     g.add_argument("--toy-prompt-len", type=int, default=8)
@@ -616,6 +617,12 @@ def main(argv=None):
 def log0(*a):
     if dist.get_rank() == 0:
         print(*a, flush=True)
+
+
+def trace(args, step, phase):
+    """--trace: every rank says which phase it enters, to find the collective a hang waits in."""
+    if args.trace:
+        print(f"[rank {dist.get_rank()}] step {step}: {phase}", flush=True)
 
 
 def run(args):
@@ -703,6 +710,7 @@ def run(args):
     for step in bar:
         m, times = {"step": step}, {}
         # ---- 1. rollout: this engine's share of the step's prompts -------------------------
+        trace(args, step, "rollout")
         t = time.time()
         if cursor + args.prompts_per_step > len(order):
             random.Random(args.seed + step).shuffle(order)
@@ -713,6 +721,7 @@ def run(args):
         outs = generate(llm, [p for p, _ in mine], rollout_params)
         times["rollout"] = time.time() - t
         # ---- 2. sleep vLLM, score ---------------------------------------------------------
+        trace(args, step, "sleep+score")
         t = time.time()
         llm.sleep(level=args.sleep_level)
         times["sleep"] = time.time() - t
@@ -736,6 +745,7 @@ def run(args):
         dist.all_gather_object(gathered, samples if rank % args.tp == 0 else [])
         all_samples = [s for g in range(rollout_groups) for s in gathered[g * args.tp]]
         # ---- 3. advantages (samples of one prompt are contiguous) -------------------------
+        trace(args, step, "advantages")
         r = torch.tensor([s["reward"] for s in all_samples])
         adv = group_advantages(r, args.n_samples_per_prompt, norm_by_std=not args.no_std_norm)
         for s, a in zip(all_samples, adv.tolist()):
@@ -744,6 +754,7 @@ def run(args):
         shard = all_samples[dp_rank * per_dp:(dp_rank + 1) * per_dp]
         batch = make_batch(shard)
         # ---- 4. old and reference log-probs ------------------------------------------------
+        trace(args, step, "logprobs")
         t = time.time()
         restore_trainer(model, optimizer)
         batch["old_logp"] = compute_logprobs(model, batch, args)
@@ -751,6 +762,7 @@ def run(args):
             batch["ref_logp"] = compute_logprobs(ref, batch, args)
         times["logprobs"] = time.time() - t
         # ---- 5. policy update ------------------------------------------------------------
+        trace(args, step, "update")
         t = time.time()
         stats = train_on_batch(model, optimizer, batch, args)
         torch.cuda.synchronize()
@@ -763,6 +775,7 @@ def run(args):
             save_checkpoint(ckpt_root, step, model, optimizer, cfg, {"order": order, "cursor": cursor}, args.keep_last)
             times["save"] = time.time() - t
         # ---- 6. weight sync --------------------------------------------------------------
+        trace(args, step, "sync")
         t = time.time()
         used_in_update = total - torch.cuda.mem_get_info()[0]
         offload_trainer(model, optimizer)
@@ -779,6 +792,7 @@ def run(args):
         llm.wake_up(tags=["kv_cache", "scheduling"])
         times["wake"] += time.time() - t
         # ---- 7. log ----------------------------------------------------------------------
+        trace(args, step, "log")
         mask = batch["mask"]
         diff = ((batch["old_logp"] - batch["rollout_logp"]).abs() * mask).sum()
         red = torch.tensor([stats.get(k, 0.0) for k in ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens")]
