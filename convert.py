@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from prepare import die, one_line_errors
+
 # megatron-core warns at import that Transformer Engine and Apex are missing: we build on its
 # local (pure PyTorch) spec on purpose, so the warnings say nothing to our users.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).*")
@@ -54,11 +56,6 @@ SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_atte
 
 class UserError(Exception):
     """Bad input from the user: main() prints it as one line and exits 1."""
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def qwen_config(size):
@@ -570,9 +567,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = one_line_errors(argparse.ArgumentParser(
         description="Convert Qwen2.5 checkpoints between HF and Megatron-Core (dist_checkpointing).",
-        epilog="Example: python convert.py 7B Qwen2.5-7B-Instruct Qwen2.5-7B-mcore false true bf16")
+        epilog="Example: python convert.py 7B Qwen2.5-7B-Instruct Qwen2.5-7B-mcore false true bf16"))
     p.add_argument("MODEL_SIZE", help=f"one of {' '.join(QWEN25)}, or custom (shape from config.json)")
     p.add_argument("LOAD_DIR", help="source checkpoint (HF folder, or Megatron checkpoint if MG2HF)")
     p.add_argument("SAVE_DIR", help="target folder; must not exist or be empty (see --force)")

@@ -221,7 +221,8 @@ def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
     model = convert.build_model(cfg, config)
     if device != "cpu":
         model.cuda()
-    convert.load_mcore(model, args.load)
+    if args.load:                  # None in --benchmark: random weights
+        convert.load_mcore(model, args.load)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.distributed_optimizer,
         average_in_collective=False, overlap_grad_reduce=False)
@@ -538,11 +539,12 @@ def tokenize(tokenizer, rows, max_prompt_len):
 # Arguments
 # ==============================================================================================
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="GRPO training: Megatron-Core trains, a colocated vLLM rolls out. "
-                                "Run under torchrun (see the top of grpo.py).")
+    p = prepare.one_line_errors(argparse.ArgumentParser(
+        description="GRPO training: Megatron-Core trains, a colocated vLLM rolls out. Run under torchrun "
+                    "(see the top of grpo.py)."))
     g = p.add_argument_group("I/O")
-    g.add_argument("--load", required=True, help="Megatron checkpoint of the initial policy (convert.py output)")
-    g.add_argument("--hf-dir", required=True, help="HF folder of the same model: config.json (for vLLM) and tokenizer")
+    g.add_argument("--load", help="Megatron checkpoint of the initial policy (convert.py output); required")
+    g.add_argument("--hf-dir", help="HF folder of the same model: config.json (for vLLM) and tokenizer; required")
     g.add_argument("--data", default="dataset/MATH-lighteval", help="folder with prepare.py's train.json / test.json")
     g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl, checkpoints/ and final/")
     g.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (0: only the final policy)")
@@ -589,13 +591,27 @@ def parse_args(argv):
     g.add_argument("--toy-token", type=int, default=None,
                    help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
     g.add_argument("--toy-prompt-len", type=int, default=8)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", choices=list(convert.QWEN25), default=None,
+                   help="time a fixed workload on random weights of this Qwen2.5 size (no --load, no data): "
+                        "128 prompts x 8 samples, 256-token prompts, 1024 new tokens each, one warm-up step")
+    g.add_argument("--benchmark-steps", type=int, default=3, help="timed steps after the warm-up step")
     a = p.parse_args(argv)
+    if a.benchmark:
+        # the workload is fixed so that numbers from different runs and machines compare
+        a.toy_token, a.toy_prompt_len, a.prompts_per_step, a.n_samples_per_prompt = 7, 256, 128, 8
+        a.max_len, a.max_prompt_len, a.steps, a.model_size = 1280, 256, 1 + a.benchmark_steps, a.benchmark
+        a.eval_interval, a.save_interval, a.resume = 0, 0, False
+        a.out = a.out if a.out != "grpo-out" else "grpo-benchmark"
+        return a
     if a.keep_last < 1:
         raise UserError("--keep-last must be >= 1")
     if a.n_samples_per_prompt < 2:
         raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
     if a.max_prompt_len >= a.max_len:
         raise UserError("--max-prompt-len must be smaller than --max-len (room is needed for the response)")
+    if not a.load or not a.hf_dir:
+        raise UserError("--load and --hf-dir are required (or --benchmark SIZE for random weights)")
     if not os.path.isdir(a.load) or not os.path.isfile(os.path.join(a.load, "metadata.json")):
         raise UserError(f"--load {a.load} is not a Megatron checkpoint (convert.py ... false ... writes one)")
     if not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
@@ -610,13 +626,71 @@ def main(argv=None):
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        prepare.die(str(e))
 
 
 def log0(*a):
     if dist.get_rank() == 0:
         print(*a, flush=True)
+
+
+def benchmark_report(args, history, llm, model, optimizer, batch, prompts, rollout_params):
+    """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
+    the steps after the warm-up, and the two ceilings measured in the same process: the same
+    rollout through plain `LLM.generate`, and a plain Megatron forward+backward of the same
+    rows (no optimizer step, no log-prob pass). tokens/s are for the whole job (all GPUs)."""
+    timed = history[1:] or history
+    mean = {k: sum(m[k] for m in timed) / len(timed) for k in timed[0] if k.startswith("time_") or k.endswith("_tokens")}
+    world = dist.get_world_size()
+    # ceiling 1: vLLM alone (it is awake after the last step's sync)
+    torch.cuda.synchronize()
+    t = time.time()
+    outs = generate(llm, prompts, rollout_params)
+    gen_tokens = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
+    dist.all_reduce(gen_tokens)
+    vllm_s = time.time() - t
+    vllm_tps = gen_tokens.item() / args.tp / vllm_s       # each TP group generated its own share
+    # ceiling 2: Megatron forward+backward alone, same rows and micro batches
+    llm.sleep(level=args.sleep_level)
+    restore_trainer(model, optimizer)
+    mbs = [mb for _, mb in micro_batches(batch, args.micro_batch_tokens)]
+
+    def loss_fn(logits, mb):
+        logp = token_logprobs(logits, mb["targets"], args.temperature)
+        return -(logp * mb["mask"]).sum(), mb["mask"].sum().int(), {}
+    model.zero_grad_buffer()
+    torch.cuda.synchronize()
+    t = time.time()
+    _run_micro_batches(model, mbs, loss_fn, forward_only=False)
+    torch.cuda.synchronize()
+    fb_s = time.time() - t
+    dp_tokens = torch.tensor([float(batch["lengths"].sum())], device="cuda", dtype=torch.float64)
+    dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
+    fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
+    step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
+    report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp,
+              "device": torch.cuda.get_device_name(), "timed_steps": len(timed), "step_s": step_s,
+              "phases_s": {k[5:]: v for k, v in mean.items() if k.startswith("time_")},
+              "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
+              "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
+              "ceiling_vllm_tokens_per_s": vllm_tps, "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
+              "gpu_used_after_update_gib": max(m["gpu_used_after_update_gib"] for m in history)}
+    report["rollout_share_of_ceiling"] = report["rollout_tokens_per_s"] / vllm_tps
+    if dist.get_rank() == 0:
+        print(f"benchmark: Qwen2.5-{args.benchmark} shape, random weights, {args.prompts_per_step} prompts x "
+              f"{args.n_samples_per_prompt} samples, {args.toy_prompt_len} + {args.max_len - args.toy_prompt_len} tokens, "
+              f"{world} x {report['device']}, TP {args.tp} PP {args.pp}, mean of {len(timed)} steps after a warm-up")
+        for k, v in report["phases_s"].items():
+            print(f"  {k:<10} {v:8.2f} s")
+        print(f"  {'step':<10} {step_s:8.2f} s")
+        print(f"  rollout {report['rollout_tokens_per_s']:,.0f} generated tok/s = "
+              f"{100 * report['rollout_share_of_ceiling']:.0f}% of plain vLLM ({vllm_tps:,.0f} tok/s)")
+        print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
+              f"forward+backward {fb_tps:,.0f} tok/s")
+        print(f"  GPU memory used after the update: {report['gpu_used_after_update_gib']:.1f} GiB")
+        with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
 
 
 def trace(args, step, phase):
@@ -626,12 +700,22 @@ def trace(args, step, phase):
 
 
 def run(args):
-    cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
+    if args.benchmark:
+        cfg = convert.qwen_config(args.benchmark)
+    else:
+        cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
+        convert.check_mcore_shape(args.load, cfg, os.path.join(args.hf_dir, "config.json"))
     convert.check_parallel_sizes(cfg, args.tp, args.pp)
-    convert.check_mcore_shape(args.load, cfg, os.path.join(args.hf_dir, "config.json"))
     if not torch.cuda.is_available():
         raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them)")
     convert.init_distributed(args.tp, args.pp, use_cuda=True)
+    if args.benchmark:             # vLLM reads only config.json (dummy weights, no tokenizer)
+        args.hf_dir = os.path.join(args.out, "benchmark-hf")
+        if int(os.environ["LOCAL_RANK"]) == 0:
+            os.makedirs(args.hf_dir, exist_ok=True)
+            with open(os.path.join(args.hf_dir, "config.json"), "w") as f:
+                json.dump(dict(cfg, torch_dtype="bfloat16"), f)
+        dist.barrier()
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -662,7 +746,10 @@ def run(args):
         # The frozen initial policy, for KL. Only bf16 params on the GPU: no grads, no optimizer.
         ref = convert.build_model(cfg, convert.transformer_config(cfg, torch.bfloat16, args.tp, args.pp,
                                                                  variable_seq_lengths=args.pp > 1)).cuda()
-        convert.load_mcore(ref, args.load)
+        if args.load:
+            convert.load_mcore(ref, args.load)
+        else:
+            ref.load_state_dict(model.module.state_dict())
         ref.requires_grad_(False)
     resume_from = complete_checkpoints(os.path.join(args.out, "checkpoints"))[-1:] if args.resume else []
     train_state = None
@@ -688,7 +775,8 @@ def run(args):
     # the samples would no longer come from the policy that the loss assumes.
     rollout_params = SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
                                     max_tokens=max_new_tokens,
-                                    logprobs=0, stop_token_ids=stop_ids or None, seed=None)
+                                    logprobs=0, stop_token_ids=stop_ids or None, seed=None,
+                                    ignore_eos=args.benchmark is not None)
     os.makedirs(args.out, exist_ok=True)
     ckpt_root = os.path.join(args.out, "checkpoints")
     log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0)
@@ -707,8 +795,10 @@ def run(args):
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr)
 
+    history = []
     for step in bar:
         m, times = {"step": step}, {}
+        history.append(m)
         # ---- 1. rollout: this engine's share of the step's prompts -------------------------
         trace(args, step, "rollout")
         t = time.time()
@@ -805,6 +895,8 @@ def run(args):
             "accuracy": float((r == 1).float().mean()),
             "adv_abs_mean": float(adv.abs().mean()), "adv_max": float(adv.max()), "adv_min": float(adv.min()),
             "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
+            "generated_tokens": sum(lengths),
+            "train_tokens": sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in all_samples),
             "clipped_ratio": sum(s["truncated"] for s in all_samples) / len(all_samples),
             "loss": red[0].item() / n_tok, "pg_loss": red[1].item() / n_tok, "clip_frac": red[2].item() / n_tok,
             "kl": red[3].item() / n_tok, "neg_logp": red[4].item() / n_tok,
@@ -838,6 +930,11 @@ def run(args):
                   f"mem {m['gpu_used_after_update_gib']:.1f}/{m['gpu_free_before_wake_gib']:.1f} GiB used/free "
                   + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_"))
                   + (f" eval_acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""), flush=True)
+    if args.benchmark:
+        benchmark_report(args, history, llm, model, optimizer, batch, [p for p, _ in mine], rollout_params)
+        del llm
+        convert.shutdown_distributed()
+        return
     # ---- final checkpoint ----------------------------------------------------------------------
     final = os.path.join(args.out, "final")
     if rank == 0 and os.path.isdir(final):

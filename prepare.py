@@ -46,6 +46,12 @@ def die(msg):
     sys.exit(1)
 
 
+def one_line_errors(parser):
+    """argparse prints its usage block before a bad flag's message; we print the message alone."""
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    return parser
+
+
 # ----------------------------------------------------------------------------------------------
 # Answer extraction
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +264,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("download", "download-model"):
         cmd, rest = argv[0], argv[1:]
-        p = argparse.ArgumentParser(prog=f"prepare.py {cmd}")
+        p = one_line_errors(argparse.ArgumentParser(prog=f"prepare.py {cmd}"))
         if cmd == "download":
             p.description = f"Download {MODELSCOPE_DATASET} from modelscope."
             p.add_argument("--local_dir", default="dataset/MATH-lighteval", help="where the parquet files go")
@@ -273,10 +279,10 @@ def main(argv=None):
             modelscope_download("model", a.model, a.local_dir or a.model.split("/")[-1])
         print(f"downloaded to {a.local_dir or a.model.split('/')[-1]}")
         return
-    p = argparse.ArgumentParser(
+    p = one_line_errors(argparse.ArgumentParser(
         description="Turn MATH-lighteval parquet files into the GRPO prompt set (train.json, test.json). "
                     "Subcommands: `download` (the data set) and `download-model` (a Qwen2.5 checkpoint); "
-                    "see `prepare.py download --help`.")
+                    "see `prepare.py download --help`."))
     p.add_argument("--input_dir", default="dataset/MATH-lighteval", help="folder holding data/{train,test}-*.parquet")
     p.add_argument("--local_dir", default=None, help="output folder for train.json/test.json (default: input_dir)")
     a = p.parse_args(argv)

@@ -124,6 +124,7 @@ def test_every_script_has_help():
     for script in ("prepare.py", "convert.py", "grpo.py"):
         p = run_script(script, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), script
+        assert_one_line_error(run_script(script, "--no-such-flag"), "--no-such-flag", "see --help")
 
 
 # ==============================================================================================
@@ -700,10 +701,19 @@ def test_gpu_out_of_memory_becomes_a_hint_and_other_errors_pass_through():
     assert grpo.out_of_memory_hint(KeyError("weights"), "x") is None
 
 
+def test_benchmark_mode_fixes_the_workload_and_needs_no_checkpoint():
+    import grpo
+    a = grpo.parse_args(["--benchmark", "0.5B", "--steps", "99", "--prompts-per-step", "2"])
+    assert (a.prompts_per_step, a.n_samples_per_prompt, a.toy_prompt_len, a.max_len - a.toy_prompt_len) == (128, 8, 256, 1024)
+    assert a.steps == 4 and a.load is None and a.save_interval == 0 and not a.resume and a.out == "grpo-benchmark"
+
+
 def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     mc, hf = str(root / "mc_tied"), str(root / "hf_tied")
     cases = [
+        (["--hf-dir", hf], ["--load and --hf-dir are required", "--benchmark"]),
+        (["--benchmark", "9B"], ["invalid choice"]),
         (["--load", str(tmp_path / "none"), "--hf-dir", hf], ["not a Megatron checkpoint"]),
         (["--load", mc, "--hf-dir", str(tmp_path)], ["no config.json"]),
         (["--load", mc, "--hf-dir", hf, "--n-samples-per-prompt", "1"], ["must be >= 2"]),
