@@ -124,7 +124,7 @@ def test_every_script_has_help():
     for script in ("prepare.py", "convert.py", "grpo.py"):
         p = run_script(script, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), script
-        assert_one_line_error(run_script(script, "--no-such-flag"), "--no-such-flag", "see --help")
+        assert_one_line_error(run_script(script, "--no-such-flag"), "see --help")
 
 
 # ==============================================================================================
