@@ -8,6 +8,8 @@
         --data dataset/MATH-lighteval --tp 2
     # toy task: a random tiny model learns to emit one token id (no data, no tokenizer)
     torchrun --nproc_per_node 1 grpo.py --load tiny-mcore --hf-dir tiny-hf --toy-token 7
+    # benchmark: a fixed workload on random Qwen2.5-0.5B-shaped weights, with the two ceilings
+    torchrun --nproc_per_node 1 grpo.py --benchmark 0.5B
 
 One step, and what sits in GPU memory during each phase:
 
@@ -751,7 +753,8 @@ def run(args):
         else:
             ref.load_state_dict(model.module.state_dict())
         ref.requires_grad_(False)
-    resume_from = complete_checkpoints(os.path.join(args.out, "checkpoints"))[-1:] if args.resume else []
+    ckpt_root = os.path.join(args.out, "checkpoints")
+    resume_from = complete_checkpoints(ckpt_root)[-1:] if args.resume else []
     train_state = None
     if resume_from:
         train_state = load_checkpoint(resume_from[0][1], model, optimizer)
@@ -778,7 +781,6 @@ def run(args):
                                     logprobs=0, stop_token_ids=stop_ids or None, seed=None,
                                     ignore_eos=args.benchmark is not None)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_root = os.path.join(args.out, "checkpoints")
     log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0)
     rollout_groups, group = world // args.tp, rank // args.tp    # one vLLM engine per TP group
     order = list(range(len(train)))
