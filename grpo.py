@@ -17,8 +17,10 @@ One step, and what sits in GPU memory during each phase:
     1 rollout (vLLM generate)      Megatron bf16 params | vLLM weights + KV cache
     2 sleep vLLM, score rewards    Megatron bf16 params | vLLM weights copied to CPU, KV freed
     3 group advantages             (CPU)
-    4 old (and ref) log-probs      Megatron params + grads + optimizer state (back from CPU)
-    5 policy update                + activations of one micro batch
+    4 ref log-probs                Megatron params + grads + optimizer state (back from CPU)
+    5 policy update                + activations of one micro batch (its forward also gives
+                                   the "old" log-probs: one optimizer step per batch, see
+                                   train_on_batch)
     6 weight sync                  optimizer state and grads go back to CPU; vLLM weights wake,
                                    Megatron -> vLLM one tensor at a time; then the KV cache wakes
     7 log
@@ -296,17 +298,29 @@ def compute_logprobs(model, batch, args):
 
 def train_on_batch(model, optimizer, batch, args):
     """One optimizer step over the whole rollout batch (micro batches accumulate gradients).
-    Returns stats (token-means over this DP rank's batch; reduced over DP by the caller)."""
+    Returns stats (token sums over this DP rank's batch; reduced over DP by the caller).
+
+    Old log-probs: PPO's ratio compares the policy being updated with the one that sampled. We
+    take one optimizer step per rollout batch, so before that step the two are the same weights,
+    and the "old" log-probs are exactly the log-probs this forward computes: `logp.detach()`.
+    The ratio is then 1 in value and its gradient is grad(logp), the policy gradient; a separate
+    forward would recompute the same numbers (up to kernel noise) and cost a third of the update.
+    With --old-logp-pass (batch["old_logp"] set) the classic separate pass is used instead, which
+    is what a loop of several optimizer steps per batch would need.
+    The same forward measures how far vLLM's log-probs of the sampled tokens are from Megatron's
+    (`logp_diff`): a stale or wrong weight sync shows up there."""
     from megatron.core import parallel_state as ps
     mbs = micro_batches(batch, args.micro_batch_tokens)
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    use_ref = "ref_logp" in batch
+    use_ref, use_old = "ref_logp" in batch, "old_logp" in batch
 
     def loss_fn(logits, mb):
         logp = token_logprobs(logits, mb["targets"], args.temperature)
-        loss_sum, n, stats = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"],
+        old = mb["old_logp"] if use_old else logp.detach()
+        loss_sum, n, stats = policy_loss(logp, old, mb["advantages"], mb["mask"],
                                          args.clip_ratio, args.kl_coef, mb["ref_logp"] if use_ref else None)
+        stats["logp_diff"] = masked_sum((logp.detach() - mb["rollout_logp"]).abs(), mb["mask"])
         return loss_sum, n.int(), {k: v.detach() for k, v in dict(stats, loss=loss_sum, tokens=n).items()}
     res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
@@ -320,16 +334,46 @@ def train_on_batch(model, optimizer, batch, args):
     return stats
 
 
+def _optimizer_tensors(optimizer):
+    """Every tensor the (chained) Megatron optimizer owns on the GPU: fp32 master weights and
+    the Adam moments (12 bytes per parameter, sharded over DP with the distributed optimizer)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            yield from group["params"]
+        for state in inner.state.values():
+            yield from (v for v in state.values() if torch.is_tensor(v))
+
+
 def offload_trainer(model, optimizer):
-    """Grads and optimizer state to CPU (the bf16 params stay: vLLM's weights come from them)."""
-    model.offload_grad_buffers()
-    optimizer.offload_to_cpu()
-    torch.cuda.empty_cache()
+    """Grads freed, optimizer state to CPU; the bf16 params stay (vLLM's weights come from them).
+
+    Megatron-Core's own optimizer.offload_to_cpu() copies each tensor into fresh pageable
+    memory, every step: about 3 GB/s plus page faults. Here every tensor gets one pinned
+    host buffer, allocated once and reused, which PCIe fills at full speed; the tensor objects
+    stay the same (only .data moves), so the optimizer never notices."""
+    model.offload_grad_buffers()                 # grads are recomputed: free, do not copy
+    moved = []
+    for t in _optimizer_tensors(optimizer):
+        if t.is_cuda:
+            buf = getattr(t, "_pinned_cpu", None)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = t._pinned_cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t.data, non_blocking=True)
+            moved.append(t)
+    torch.cuda.synchronize()                     # copies done before the GPU memory is reused
+    for t in moved:
+        t.data = t._pinned_cpu
+    torch.cuda.empty_cache()                     # hand the freed pages to vLLM's wake-up
 
 
 def restore_trainer(model, optimizer):
-    optimizer.restore_from_cpu()
-    model.restore_grad_buffers()
+    for t in _optimizer_tensors(optimizer):
+        if not t.is_cuda and getattr(t, "_pinned_cpu", None) is not None:
+            t.data = t.data.to("cuda", non_blocking=True)
+    model.restore_grad_buffers()                 # reallocates, zeroes and synchronizes
 
 
 # ==============================================================================================
@@ -460,7 +504,12 @@ def create_engine(args, cfg, gpu_memory_utilization):
         # its custom all-reduce maps peer memory over CUDA IPC. Both need NVLink features that
         # shared hosts often switch off (seen: CUBLAS_STATUS_INTERNAL_ERROR, then an illegal
         # memory access, at engine start on 2 x H200). NCCL alone is enough for rollouts.
-        disable_custom_all_reduce=True, compilation_config={"pass_config": {"fuse_allreduce_rms": False}})
+        disable_custom_all_reduce=True,
+        # vLLM captures CUDA graphs for decode batches up to min(2 * max_num_seqs, 512) sequences
+        # by default; a rollout keeps all max_num_seqs sequences decoding together, and batches
+        # above the largest graph run without one. Capture up to the batch we actually run.
+        compilation_config={"pass_config": {"fuse_allreduce_rms": False},
+                            "max_cudagraph_capture_size": max(512, args.max_num_seqs)})
 
 
 def out_of_memory_hint(e, where):
@@ -567,6 +616,9 @@ def parse_args(argv):
     g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the initial policy in the loss")
     g.add_argument("--no-kl-log", action="store_true", help="skip the reference model (no KL logged; saves its memory)")
     g.add_argument("--no-std-norm", action="store_true", help="advantages without std scaling (Dr. GRPO)")
+    g.add_argument("--old-logp-pass", action="store_true",
+                   help="compute old log-probs in a separate forward before the update (default: the update's own "
+                        "forward, exact for one optimizer step per rollout batch; see train_on_batch)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=2e-6, help="constant learning rate")
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -845,11 +897,14 @@ def run(args):
         per_dp = len(all_samples) // args.n_samples_per_prompt // dp_size * args.n_samples_per_prompt
         shard = all_samples[dp_rank * per_dp:(dp_rank + 1) * per_dp]
         batch = make_batch(shard)
-        # ---- 4. old and reference log-probs ------------------------------------------------
+        # ---- 4. reference (and, with --old-logp-pass, old) log-probs ------------------------
         trace(args, step, "logprobs")
         t = time.time()
         restore_trainer(model, optimizer)
-        batch["old_logp"] = compute_logprobs(model, batch, args)
+        times["restore"] = time.time() - t
+        t = time.time()
+        if args.old_logp_pass:
+            batch["old_logp"] = compute_logprobs(model, batch, args)
         if ref is not None:
             batch["ref_logp"] = compute_logprobs(ref, batch, args)
         times["logprobs"] = time.time() - t
@@ -868,10 +923,12 @@ def run(args):
             times["save"] = time.time() - t
         # ---- 6. weight sync --------------------------------------------------------------
         trace(args, step, "sync")
-        t = time.time()
         used_in_update = total - torch.cuda.mem_get_info()[0]
+        t = time.time()
         offload_trainer(model, optimizer)
+        times["offload"] = time.time() - t
         free_before_wake = torch.cuda.mem_get_info()[0]
+        t = time.time()
         try:
             llm.wake_up(tags=["weights"])
         except Exception as e:
@@ -885,10 +942,8 @@ def run(args):
         times["wake"] += time.time() - t
         # ---- 7. log ----------------------------------------------------------------------
         trace(args, step, "log")
-        mask = batch["mask"]
-        diff = ((batch["old_logp"] - batch["rollout_logp"]).abs() * mask).sum()
-        red = torch.tensor([stats.get(k, 0.0) for k in ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens")]
-                           + [float(diff), float(mask.sum())], device="cuda")
+        red = torch.tensor([stats.get(k, 0.0) for k in
+                            ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens", "logp_diff")], device="cuda")
         dist.all_reduce(red, group=ps.get_data_parallel_group())
         n_tok = max(red[5].item(), 1.0)
         lengths = [len(s["response_ids"]) for s in all_samples]
@@ -902,7 +957,7 @@ def run(args):
             "clipped_ratio": sum(s["truncated"] for s in all_samples) / len(all_samples),
             "loss": red[0].item() / n_tok, "pg_loss": red[1].item() / n_tok, "clip_frac": red[2].item() / n_tok,
             "kl": red[3].item() / n_tok, "neg_logp": red[4].item() / n_tok,
-            "logp_diff_vllm_megatron": red[6].item() / max(red[7].item(), 1.0),
+            "logp_diff_vllm_megatron": red[6].item() / n_tok,
             "grad_norm": stats["grad_norm"], "update_skipped": stats["update_skipped"],
             "tokens_per_s_rollout": sum(lengths) / max(times["rollout"], 1e-9) / max(1, rollout_groups),
             # (torch's own peak counters also count vLLM's sleeping pool, so we read the driver)

@@ -20,7 +20,8 @@ Runs prepare.py (download + preprocess), convert.py (HF -> Megatron), torchrun g
 convert.py again (final policy -> HF), skipping each step whose output exists.
 
 Environment variables (default in brackets):
-  MODEL_SIZE      Qwen2.5 size: 0.5B 1.5B 3B 7B 14B 32B 72B                 [7B]
+  MODEL_SIZE      Qwen2.5 size: 0.5B 1.5B 3B 7B 14B 32B 72B, or custom (any
+                  Qwen2-shaped model already in MODEL_DIR; nothing downloaded)  [7B]
   MODEL_DIR       HF checkpoint folder (downloaded if it has no config.json) [Qwen2.5-$MODEL_SIZE-Instruct]
   MODEL_ID        modelscope id to download                                 [Qwen/Qwen2.5-$MODEL_SIZE-Instruct]
   DATA_DIR        MATH-lighteval folder; train.json/test.json are written here [dataset/MATH-lighteval]
@@ -53,11 +54,11 @@ die() { echo "error: $*" >&2; exit 1; }
 
 MODEL_SIZE=${MODEL_SIZE:-7B}
 case "$MODEL_SIZE" in
-  0.5B|1.5B|3B) tp_default=1 ;;
+  0.5B|1.5B|3B|custom) tp_default=1 ;;
   7B) tp_default=2 ;;
   14B) tp_default=4 ;;
   32B|72B) tp_default=8 ;;
-  *) die "MODEL_SIZE=$MODEL_SIZE is not one of 0.5B 1.5B 3B 7B 14B 32B 72B" ;;
+  *) die "MODEL_SIZE=$MODEL_SIZE is not one of 0.5B 1.5B 3B 7B 14B 32B 72B custom" ;;
 esac
 MODEL_DIR=${MODEL_DIR:-Qwen2.5-$MODEL_SIZE-Instruct}
 MODEL_ID=${MODEL_ID:-Qwen/Qwen2.5-$MODEL_SIZE-Instruct}
@@ -118,6 +119,8 @@ if (( NODE_RANK == 0 )); then
   # 2. model
   if [[ -f $MODEL_DIR/config.json ]]; then
     skip "model $MODEL_DIR exists"
+  elif [[ $MODEL_SIZE == custom ]]; then
+    die "MODEL_SIZE=custom needs MODEL_DIR with the model's config.json ($MODEL_DIR/config.json not found)"
   else
     run python prepare.py download-model --model "$MODEL_ID" --local_dir "$MODEL_DIR"
   fi

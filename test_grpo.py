@@ -587,6 +587,12 @@ def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpt
     assert r["stats"]["tokens"] == r["ref_tokens"] == 6
     assert r["stats"]["neg_logp"] == pytest.approx(r["ref_neg_logp"], rel=1e-5)
     assert r["stats"]["grad_norm"] > 0 and r["stats"]["update_skipped"] == 0
+    # the vLLM-vs-Megatron monitor: sum over response tokens of |Megatron logp - rollout logp|
+    assert r["stats"]["logp_diff"] == pytest.approx(r["ref_logp_diff"], rel=1e-5)
+    # old log-probs from the update's own forward == a separate pass (one optimizer step per batch)
+    assert r["twin_stats"]["loss"] == pytest.approx(r["stats"]["loss"], abs=1e-6)
+    assert r["twin_stats"]["grad_norm"] == pytest.approx(r["stats"]["grad_norm"], rel=1e-5)
+    assert r["twin_max_diff"] < 1e-4 * r["step_size"]
 
 
 def test_one_train_step_at_tp2_matches_tp1(tiny_ckpts, tmp_path):
@@ -739,20 +745,29 @@ def trainstep_main(argv):
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
     model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")   # loads args.load
-    samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
-               {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}]
+    samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0,
+                "rollout_logps": [-1.0] * 4},                # stand-ins for vLLM's log-probs
+               {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0, "rollout_logps": [-1.0] * 2}]
     batch = grpo.make_batch(samples)
+    # the same step twice from the same checkpoint: with a separate old-log-prob pass, and with
+    # the default (old = the update's own forward, detached); they must land on the same weights
+    twin, twin_opt = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    twin_stats = grpo.train_on_batch(twin, twin_opt, dict(batch), args)
     before = grpo.compute_logprobs(model, batch, args)
     batch["old_logp"] = before
     stats = grpo.train_on_batch(model, optimizer, batch, args)
     after = grpo.compute_logprobs(model, batch, args)
+    after_twin = grpo.compute_logprobs(twin, batch, args)
     # the reference: the same loss from the pure function on the same log-probs (ratio = 1)
     ref_loss, ref_n, ref_stats = grpo.policy_loss(before, before, batch["advantages"], batch["mask"], args.clip_ratio)
     m = batch["mask"]
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:   # a last stage
         with open(out, "w") as f:
             json.dump({"stats": stats, "ref_loss": float(ref_loss), "ref_tokens": float(ref_n),
-                       "ref_neg_logp": float(ref_stats["neg_logp"]),
+                       "ref_neg_logp": float(ref_stats["neg_logp"]), "twin_stats": twin_stats,
+                       "ref_logp_diff": float(((before + 1.0).abs() * m).sum()),
+                       "twin_max_diff": float(((after_twin - after) * m).abs().max()),
+                       "step_size": float(((after - before) * m).abs().max()),
                        "before": [float((before[i] * m[i]).sum()) for i in range(2)],
                        "after": [float((after[i] * m[i]).sum()) for i in range(2)]}, f)
     convert.shutdown_distributed()
@@ -812,6 +827,7 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     ({"GPUS_PER_NODE": "x"}, ["GPUS_PER_NODE=x is not a number"]),
     ({"enable_wandb": "yes"}, ["enable_wandb=yes"]),
     ({"GPUS_PER_NODE": "2", "TP": "4", "NNODES": "2"}, ["more than GPUS_PER_NODE=2"]),
+    ({"MODEL_SIZE": "custom", "MODEL_DIR": "/nonexistent"}, ["MODEL_SIZE=custom needs MODEL_DIR"]),
 ])
 def test_run_sh_bad_settings_fail_with_one_line(env, words):
     assert_one_line_error(run_sh("--dry-run", env=env), *words)
@@ -929,6 +945,58 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
         # all samples scored alike -> zero advantages -> zero gradient: the policy must still be
         # the loaded one (a bf16 optimizer built before loading would reset it to its random init)
         assert m[0]["grad_norm"] == 0 and m[1]["kl"] < 1e-3
+
+
+@gpu
+def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tmp_path):
+    """`bash run.sh` as a user runs it, on a tiny random model and generated MATH parquet files:
+    prepare, convert, train; SIGKILL to the whole job during step 3; the rerun skips the done
+    steps, resumes after step 2, finishes step 4, exports to HF, and vLLM loads the export."""
+    import signal
+    texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
+    model_dir = str(tmp_path / "model")
+    tok = make_tiny_tokenizer(model_dir, texts * 5)
+    cfg = dict(tiny_qwen_config(True), vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=256, intermediate_size=512,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    gpu_hf_model(model_dir, cfg)
+    ck = tmp_path / "ck"
+    env = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "WANDB_API_KEY", "enable_wandb")}
+    env.update(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
+               MASTER_PORT="29517", PYTHONUNBUFFERED="1")
+    flags = ["--steps", "4", "--save-interval", "1", "--keep-last", "2", "--prompts-per-step", "8",
+             "--n-samples-per-prompt", "4", "--max-len", "256", "--max-prompt-len", "128", "--eval-interval", "0",
+             "--gpu-memory-utilization", "0.3"]
+    metrics = ck / "grpo" / "metrics.jsonl"
+    log1 = open(tmp_path / "run1.log", "w")
+    job = subprocess.Popen(["bash", "run.sh", *flags], cwd=HERE, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    t0 = time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert job.poll() is None, open(tmp_path / "run1.log").read()[-5000:]
+        assert time.time() - t0 < 600, "no step 2 within 600 s"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)            # step 2 is logged: step 3 is under way
+    job.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    print(open(tmp_path / "run1.log").read()[-3000:])
+    print(f"killed with {killed_at} steps logged; checkpoints: {sorted(os.listdir(ck / 'grpo' / 'checkpoints'))}")
+    assert killed_at == 2
+    p = subprocess.run(["bash", "run.sh", *flags], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    print(p.stdout[-5000:])
+    assert p.returncode == 0, p.stderr[-5000:]
+    assert p.stdout.count("= skip:") == 3                        # data, model, conversion
+    assert "resuming after step 2" in p.stdout
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]                                  # none lost, none repeated
+    assert sorted(os.listdir(ck / "grpo" / "checkpoints")) == ["step_000003", "step_000004"]
+    # the export: vLLM serves it (a fresh process, the way a user would evaluate the result)
+    code = ("import sys; from vllm import LLM, SamplingParams; "
+            "llm = LLM(model=sys.argv[1], gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True); "
+            "o = llm.generate(['What is 2 + 2?'], SamplingParams(max_tokens=8, temperature=0)); "
+            "print('vllm export ok:', len(o[0].outputs[0].token_ids), 'tokens')")
+    v = run_script("-c", code, str(ck / "hf"), timeout=600)
+    print(v.stdout[-500:])
+    assert v.returncode == 0 and "vllm export ok: 8 tokens" in v.stdout, v.stderr[-3000:]
 
 
 def ckpt_main(argv):
