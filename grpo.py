@@ -394,9 +394,13 @@ def complete_checkpoints(root):
 
 
 def _train_state_dict(model, optimizer, is_loading=False):
-    # the unwrapped GPTModel's keys: the same as convert.py's, so convert.py exports either
+    # the unwrapped GPTModel's keys: the same as convert.py's, so convert.py exports either.
+    # The distributed optimizer's default format in megatron-core 0.16 ("fully_sharded_model_space")
+    # is rejected by its own dist_checkpointing ("flattened_range is not supported"): ask for
+    # "dp_reshardable", each rank saving its own shard (resume with the same TP x PP; DP may change).
     msd = model.module.sharded_state_dict()
-    return {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=is_loading)}
+    meta = {"distrib_optim_sharding_type": "dp_reshardable"}
+    return {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=is_loading, metadata=meta)}
 
 
 def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
