@@ -156,12 +156,20 @@ def build_model(cfg, config):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=cfg["vocab_size"],
         max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg["tie_word_embeddings"],
         position_embedding_type="rope", rotary_base=int(cfg["rope_theta"]))
+    # The local spec's RMSNorm ignores params_dtype and keeps fp32 weights. One dtype for every
+    # weight, as HF's and vLLM's bf16 models have (Megatron-LM gets it from its Float16Module):
+    # the same numbers on both sides of the weight sync, and megatron-core 0.16's distributed
+    # optimizer checkpoints pair optimizer state with the wrong parameter when one param group
+    # mixes fp32 and bf16 params (seen: a 256-element state for a 512-element qkv bias).
+    for p in model.parameters():
+        p.data = p.data.to(config.params_dtype)
+    return model
 
 
 def check_parallel_sizes(cfg, tp, pp):

@@ -435,9 +435,28 @@ def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
 def load_checkpoint(path, model, optimizer):
     """Restore what save_checkpoint wrote; returns the train state (step, data position)."""
     from megatron.core import dist_checkpointing, tensor_parallel
+    # megatron-core 0.16.1 without apex/TE reads Adam's "step" from every parameter's state while
+    # it plans the load, and a fresh optimizer has no state yet (AssertionError in state_dict()).
+    # Zero state of the right shapes makes the plan; the load then overwrites all of it.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                          step=torch.tensor(0.0))
     state = dist_checkpointing.load(_train_state_dict(model, optimizer, is_loading=True), path)
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    # ...and then its parameter-state load puts back the "step" of that zero state (0), which
+    # would restart Adam's bias correction. The saved step is in the loaded param groups.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        steps = {g["step"] for g in opt.optimizer.param_groups if g.get("step") is not None}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for st in opt.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(step)
     rng_file = os.path.join(path, f"rng_{dist.get_rank():05d}.pt")
     if os.path.isfile(rng_file):    # absent when resuming with another number of ranks
         rng = torch.load(rng_file, weights_only=False)

@@ -340,6 +340,14 @@ def cpu_shims():
             return _f(*a, **k)
         setattr(torch, fn, on_cpu)
     torch.Tensor.cuda = lambda self, *a, **k: self   # tied embeddings + PP: the last stage's copy
+    # megatron's mixed-precision and distributed optimizers accept only params whose type() is
+    # torch.cuda.{BFloat16,Half,Float}Tensor: report CPU tensors under those names
+    cpu_type = torch.Tensor.type
+
+    def cuda_type_name(self, *a, **k):
+        r = cpu_type(self, *a, **k)
+        return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
+    torch.Tensor.type = cuda_type_name
     convert.require_cuda_runtime = lambda: None
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     initialize_rng_tracker(inference_rng_tracker=True)
@@ -674,12 +682,16 @@ def test_malformed_prompt_file_is_a_user_error(tmp_path):
         grpo.load_prompt_file(str(tmp_path / "none.json"))
 
 
-@pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--tp", "2"])])
+@pytest.mark.parametrize("nproc,flags", [
+    (1, ["--no-distributed-optimizer", "--grad-clip", "0"]),
+    (2, ["--no-distributed-optimizer", "--grad-clip", "0", "--tp", "2"]),
+    (2, ["--bf16"]),     # what runs on GPUs: bf16 weights, Adam state sharded over DP=2, grad clip
+])
 def test_checkpoint_round_trip_and_resume_after_a_killed_save(tiny_ckpts, tmp_path, nproc, flags):
     root = tiny_ckpts["root"]
     result = tmp_path / "ckpt.json"
     p = run_shimmed("ckpt", str(root / "mc_untied"), str(root / "hf_untied"), str(tmp_path / "out"), str(result),
-                    "--no-distributed-optimizer", "--grad-clip", "0", *flags, nproc=nproc)
+                    *flags, nproc=nproc)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(result.read_text())
     assert r["listing"] == ["step_000002", "step_000003", "step_000004.tmp"]   # keep_last=2; the half save
@@ -999,6 +1011,19 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     assert v.returncode == 0 and "vllm export ok: 8 tokens" in v.stdout, v.stderr[-3000:]
 
 
+def optimizer_tensors(optimizer):
+    """Copies of the master weights and Adam moments, param by param, state keys sorted."""
+    import torch
+    out = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                out.append(p.detach().clone())
+                st = opt.optimizer.state.get(p, {})
+                out += [torch.as_tensor(st[k]).clone() for k in sorted(st)]
+    return out
+
+
 def ckpt_main(argv):
     """`test_grpo.py ckpt CKPT HF_DIR OUT_DIR RESULT_JSON [flags]`: three GRPO updates with a
     checkpoint after each (keep 2), a save killed half-way (a stale step_4.tmp), then a fresh
@@ -1007,10 +1032,12 @@ def ckpt_main(argv):
     import convert
     import grpo
     ckpt, hf_dir, out, result = argv[:4]
-    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log", *argv[4:]])
+    dtype = torch.bfloat16 if "--bf16" in argv else torch.float32        # (a test flag, not grpo's)
+    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log",
+                            *[a for a in argv[4:] if a != "--bf16"]])
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
-    model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    model, optimizer = grpo.build_trainer(cfg, args, dtype=dtype, device="cpu")
     batch = grpo.make_batch([{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13], "advantage": 1.0},
                              {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}])
     batch["old_logp"] = grpo.compute_logprobs(model, batch, args)
@@ -1019,18 +1046,17 @@ def ckpt_main(argv):
         grpo.train_on_batch(model, optimizer, batch, args)
         grpo.save_checkpoint(root, step, model, optimizer, cfg, {"order": [3, 1, 2], "cursor": step * 8}, keep_last=2)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    saved_opt = optimizer.state_dict()
+    saved_opt = optimizer_tensors(optimizer)
     if int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(os.path.join(root, "step_000004.tmp"))          # killed while saving step 4
     torch.distributed.barrier()
     listing = sorted(os.listdir(root))
-    fresh, fresh_opt = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    fresh, fresh_opt = grpo.build_trainer(cfg, args, dtype=dtype, device="cpu")
     (step, path), = grpo.complete_checkpoints(root)[-1:]
     state = grpo.load_checkpoint(path, fresh, fresh_opt)
     same_params = all(torch.equal(p, saved[n]) for n, p in fresh.named_parameters())
-    inner = lambda sd: sd.get("optimizer", sd)["state"]     # noqa: E731 (mixed-precision optimizers nest it)
-    a, b = inner(saved_opt), inner(fresh_opt.state_dict())
-    same_opt = sorted(a) == sorted(b) and all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+    b = optimizer_tensors(fresh_opt)
+    same_opt = len(b) == len(saved_opt) and all(torch.equal(x, y) for x, y in zip(saved_opt, b))
     # one more identical update on both: the resumed trainer continues exactly
     grpo.train_on_batch(model, optimizer, batch, args)
     grpo.train_on_batch(fresh, fresh_opt, batch, args)
