@@ -987,8 +987,17 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
         assert job.poll() is None, open(tmp_path / "run1.log").read()[-5000:]
         assert time.time() - t0 < 600, "no step 2 within 600 s"
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)            # step 2 is logged: step 3 is under way
+    # step 2 is logged: step 3 is under way. kill -9 the whole job: torchrun starts its workers in
+    # sessions of their own, so the process group of run.sh is not enough.
+    os.killpg(job.pid, signal.SIGKILL)
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and str(ck).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
     job.wait()
+    time.sleep(5)                                 # nothing may still be training
     killed_at = len(metrics.read_text().splitlines())
     print(open(tmp_path / "run1.log").read()[-3000:])
     print(f"killed with {killed_at} steps logged; checkpoints: {sorted(os.listdir(ck / 'grpo' / 'checkpoints'))}")
