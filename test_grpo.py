@@ -584,8 +584,7 @@ def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
 def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     out = tmp_path / "step.json"
-    p = run_shimmed("trainstep", str(root / "mc_tied"), str(root / "hf_tied"), str(out),
-                    "--no-distributed-optimizer", "--grad-clip", "0")   # both need CUDA tensors in megatron
+    p = run_shimmed("trainstep", str(root / "mc_tied"), str(root / "hf_tied"), str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["after"][0] > r["before"][0] + 0.1          # advantage +1: its tokens got likelier
@@ -608,8 +607,7 @@ def test_one_train_step_at_tp2_matches_tp1(tiny_ckpts, tmp_path):
     res = []
     for nproc, flags in ((1, []), (2, ["--tp", "2"])):
         out = tmp_path / f"step{nproc}.json"
-        p = run_shimmed("trainstep", str(root / "mc_untied"), str(root / "hf_untied"), str(out),
-                        "--no-distributed-optimizer", "--grad-clip", "0", *flags, nproc=nproc)
+        p = run_shimmed("trainstep", str(root / "mc_untied"), str(root / "hf_untied"), str(out), *flags, nproc=nproc)
         assert p.returncode == 0, p.stderr[-3000:]
         res.append(json.loads(out.read_text()))
     assert res[1]["before"] == pytest.approx(res[0]["before"], abs=1e-4)
@@ -625,7 +623,7 @@ def test_one_train_step_at_pp2_matches_pp1(tiny_ckpts, tmp_path):
     for nproc, flags in ((1, []), (2, ["--pp", "2"])):
         out = tmp_path / f"step{nproc}.json"
         p = run_shimmed("trainstep", str(root / "mc_untied"), str(root / "hf_untied"), str(out),
-                        "--no-distributed-optimizer", "--grad-clip", "0", "--micro-batch-tokens", "8", *flags, nproc=nproc)
+                        "--micro-batch-tokens", "8", *flags, nproc=nproc)
         assert p.returncode == 0, p.stderr[-3000:]
         res.append(json.loads(out.read_text()))
     assert res[1]["before"] == pytest.approx(res[0]["before"], abs=1e-4)
