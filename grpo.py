@@ -335,13 +335,17 @@ def train_on_batch(model, optimizer, batch, args):
     return stats
 
 
-def _optimizer_tensors(optimizer):
-    """Every tensor the (chained) Megatron optimizer owns on the GPU: fp32 master weights and
-    the Adam moments (12 bytes per parameter, sharded over DP with the distributed optimizer)."""
+def _torch_optimizers(optimizer):
+    """The torch Adam instances inside Megatron's (chained) optimizer wrapper."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+        if getattr(opt, "optimizer", None) is not None:
+            yield opt.optimizer
+
+
+def _optimizer_tensors(optimizer):
+    """Every tensor the Megatron optimizer owns on the GPU: fp32 master weights and the Adam
+    moments (12 bytes per parameter, sharded over DP with the distributed optimizer)."""
+    for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             yield from group["params"]
         for state in inner.state.values():
@@ -439,8 +443,7 @@ def load_checkpoint(path, model, optimizer):
     # megatron-core 0.16.1 without apex/TE reads Adam's "step" from every parameter's state while
     # it plans the load, and a fresh optimizer has no state yet (AssertionError in state_dict()).
     # Zero state of the right shapes makes the plan; the load then overwrites all of it.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
+    for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
@@ -451,11 +454,11 @@ def load_checkpoint(path, model, optimizer):
     optimizer.load_state_dict(state["optimizer"])
     # ...and then its parameter-state load puts back the "step" of that zero state (0), which
     # would restart Adam's bias correction. The saved step is in the loaded param groups.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        steps = {g["step"] for g in opt.optimizer.param_groups if g.get("step") is not None}
+    for inner in _torch_optimizers(optimizer):
+        steps = {g["step"] for g in inner.param_groups if g.get("step") is not None}
         if len(steps) == 1:
             step = float(steps.pop())
-            for st in opt.optimizer.state.values():
+            for st in inner.state.values():
                 if "step" in st:
                     st["step"] = torch.tensor(step)
     rng_file = os.path.join(path, f"rng_{dist.get_rank():05d}.pt")

@@ -786,10 +786,16 @@ def trainstep_main(argv):
 # ==============================================================================================
 # run.sh
 # ==============================================================================================
-def run_sh(*args, env=None):
+def run_sh_env(env=None):
+    """This process's environment without run.sh's settings, plus `env`."""
     e = {k: v for k, v in os.environ.items() if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb")}
     e.update(env or {})
-    return subprocess.run(["bash", "run.sh", *args], cwd=HERE, capture_output=True, text=True, env=e, timeout=60)
+    return e
+
+
+def run_sh(*args, env=None, timeout=60):
+    return subprocess.run(["bash", "run.sh", *args], cwd=HERE, capture_output=True, text=True, env=run_sh_env(env),
+                          timeout=timeout)
 
 
 def test_run_sh_help_documents_every_variable():
@@ -856,6 +862,17 @@ def gpu_hf_model(path, cfg, dtype="float32"):
     return model
 
 
+def gpu_tiny_model(path, vocab_size=64, texts=None):
+    """A random 2-layer Qwen2 saved in `path` for the GPU runs. With `texts`, a tiny tokenizer
+    trained on them goes there too, and its size (rounded up to 64) is the vocabulary."""
+    if texts is not None:
+        vocab_size = (len(make_tiny_tokenizer(path, texts)) + 63) // 64 * 64
+    cfg = dict(tiny_qwen_config(True), vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    gpu_hf_model(path, cfg)
+    return cfg
+
+
 def read_metrics(path):
     return [json.loads(line) for line in open(path)]
 
@@ -864,9 +881,7 @@ def read_metrics(path):
 def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
     """A random tiny Qwen2 (vocab 64) learns to emit token 7; after every weight sync vLLM's
     log-probs of the sampled tokens agree with Megatron's."""
-    cfg = dict(tiny_qwen_config(True), vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    gpu_hf_model(str(tmp_path / "hf"), cfg)
+    gpu_tiny_model(str(tmp_path / "hf"), vocab_size=64)
     p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
@@ -933,11 +948,7 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
     data = str(tmp_path / "data")
     assert run_script("prepare.py", "--input_dir", math_dir, "--local_dir", data).returncode == 0
     texts = [json.loads(line)["prompt"][0]["content"] for line in open(os.path.join(data, "train.json"))]
-    tok = make_tiny_tokenizer(str(tmp_path / "hf"), texts * 5 + ["\\boxed{12} The answer is"] * 20)
-    vocab = (len(tok) + 63) // 64 * 64
-    cfg = dict(tiny_qwen_config(True), vocab_size=vocab, hidden_size=256, intermediate_size=512,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    gpu_hf_model(str(tmp_path / "hf"), cfg)
+    gpu_tiny_model(str(tmp_path / "hf"), texts=texts * 5 + ["\\boxed{12} The answer is"] * 20)
     p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
@@ -965,21 +976,17 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     import signal
     texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
     model_dir = str(tmp_path / "model")
-    tok = make_tiny_tokenizer(model_dir, texts * 5)
-    cfg = dict(tiny_qwen_config(True), vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=256, intermediate_size=512,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    gpu_hf_model(model_dir, cfg)
+    gpu_tiny_model(model_dir, texts=texts * 5)
     ck = tmp_path / "ck"
-    env = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "WANDB_API_KEY", "enable_wandb")}
-    env.update(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
-               MASTER_PORT="29517", PYTHONUNBUFFERED="1")
+    settings = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
+                    MASTER_PORT="29517", PYTHONUNBUFFERED="1")
     flags = ["--steps", "4", "--save-interval", "1", "--keep-last", "2", "--prompts-per-step", "8",
              "--n-samples-per-prompt", "4", "--max-len", "256", "--max-prompt-len", "128", "--eval-interval", "0",
              "--gpu-memory-utilization", "0.3"]
     metrics = ck / "grpo" / "metrics.jsonl"
     log1 = open(tmp_path / "run1.log", "w")
-    job = subprocess.Popen(["bash", "run.sh", *flags], cwd=HERE, env=env, stdout=log1, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    job = subprocess.Popen(["bash", "run.sh", *flags], cwd=HERE, env=run_sh_env(settings), stdout=log1,
+                           stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert job.poll() is None, open(tmp_path / "run1.log").read()[-5000:]
@@ -1000,7 +1007,7 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     print(open(tmp_path / "run1.log").read()[-3000:])
     print(f"killed with {killed_at} steps logged; checkpoints: {sorted(os.listdir(ck / 'grpo' / 'checkpoints'))}")
     assert killed_at == 2
-    p = subprocess.run(["bash", "run.sh", *flags], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    p = run_sh(*flags, env=settings, timeout=900)
     print(p.stdout[-5000:])
     assert p.returncode == 0, p.stderr[-5000:]
     assert p.stdout.count("= skip:") == 3                        # data, model, conversion
@@ -1021,12 +1028,13 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
 def optimizer_tensors(optimizer):
     """Copies of the master weights and Adam moments, param by param, state keys sorted."""
     import torch
+    import grpo
     out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for group in opt.optimizer.param_groups:
+    for inner in grpo._torch_optimizers(optimizer):
+        for group in inner.param_groups:
             for p in group["params"]:
                 out.append(p.detach().clone())
-                st = opt.optimizer.state.get(p, {})
+                st = inner.state.get(p, {})
                 out += [torch.as_tensor(st[k]).clone() for k in sorted(st)]
     return out
 
