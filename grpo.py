@@ -17,7 +17,8 @@ One step, and what sits in GPU memory during each phase:
     1 rollout (vLLM generate)      Megatron bf16 params | vLLM weights + KV cache
     2 sleep vLLM, score rewards    Megatron bf16 params | vLLM weights copied to CPU, KV freed
     3 group advantages             (CPU)
-    4 ref log-probs                Megatron params + grads + optimizer state (back from CPU)
+    4 ref log-probs (every         Megatron params + grads + optimizer state (back from CPU)
+      --kl-log-interval steps)
     5 policy update                + activations of one micro batch (its forward also gives
                                    the "old" log-probs: one optimizer step per batch, see
                                    train_on_batch)
@@ -158,8 +159,9 @@ def make_batch(samples, pad_id=0):
     mask[b, t] = 1 exactly where that target is a response token.
     Right padding needs no attention mask: attention is causal, so no real token sees a pad.
 
-    samples: list of dicts with prompt_ids, response_ids, advantage, rollout_logps (per response token)
-    -> tokens, targets, mask, rollout_logp: [B, L];  advantages, lengths: [B]
+    samples: list of dicts with prompt_ids, response_ids, advantage, rollout_logps (per response
+    token, or None where vLLM was not asked for them)
+    -> tokens, targets, mask, rollout_logp: [B, L];  advantages, lengths, has_rollout_logp: [B]
     Example: prompt [5, 6], response [7, 8] -> tokens [5, 6, 7, 8], targets [6, 7, 8, pad],
              mask [0, 1, 1, 0]: logits at 6 score 7, logits at 7 score 8.
     """
@@ -168,18 +170,20 @@ def make_batch(samples, pad_id=0):
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.float32)
     rollout_logp = torch.zeros((B, L), dtype=torch.float32)
+    has_rollout_logp = torch.zeros(B, dtype=torch.float32)
     for b, s in enumerate(samples):
         p, r = len(s["prompt_ids"]), len(s["response_ids"])
         tokens[b, :p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"])
         mask[b, p - 1:p + r - 1] = 1
         if s.get("rollout_logps") is not None:
             rollout_logp[b, p - 1:p + r - 1] = torch.tensor(s["rollout_logps"], dtype=torch.float32)
+            has_rollout_logp[b] = 1
     targets = torch.roll(tokens, -1, dims=1)
     targets[:, -1] = pad_id
     advantages = torch.tensor([s.get("advantage", 0.0) for s in samples], dtype=torch.float32)
     lengths = torch.tensor([len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples])
     return {"tokens": tokens, "targets": targets, "mask": mask, "rollout_logp": rollout_logp,
-            "advantages": advantages, "lengths": lengths}
+            "advantages": advantages, "lengths": lengths, "has_rollout_logp": has_rollout_logp}
 
 
 def micro_batches(batch, max_tokens):
@@ -250,7 +254,13 @@ def token_logprobs(logits, targets, temperature):
     logits exactly as vLLM's sampler does, so the two sides measure the same distribution.
     logits [b, s, V/tp], targets [b, s] -> [b, s]"""
     from megatron.core import tensor_parallel
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, targets)
+    # The cross entropy upcasts a bf16 input itself and then works in place on that fp32 copy, so
+    # at T = 1 bf16 logits go in as they are: one fp32 [b, s, V] copy less (5 GiB per 8192-token
+    # micro batch of Qwen2.5's vocabulary). fp32 logits must be copied, or the in-place work would
+    # overwrite the model's output.
+    if temperature != 1.0 or logits.dtype == torch.float32:
+        logits = logits.float() / temperature
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
 
 def _run_micro_batches(model, mbs, loss_fn, forward_only):
@@ -309,7 +319,8 @@ def train_on_batch(model, optimizer, batch, args):
     With --old-logp-pass (batch["old_logp"] set) the classic separate pass is used instead, which
     is what a loop of several optimizer steps per batch would need.
     The same forward measures how far vLLM's log-probs of the sampled tokens are from Megatron's
-    (`logp_diff`): a stale or wrong weight sync shows up there."""
+    (`logp_diff`, over the `logp_diff_tokens` of the rows that carry vLLM log-probs): a stale or
+    wrong weight sync shows up there."""
     from megatron.core import parallel_state as ps
     mbs = micro_batches(batch, args.micro_batch_tokens)
     model.zero_grad_buffer()
@@ -321,7 +332,9 @@ def train_on_batch(model, optimizer, batch, args):
         old = mb["old_logp"] if use_old else logp.detach()
         loss_sum, n, stats = policy_loss(logp, old, mb["advantages"], mb["mask"],
                                          args.clip_ratio, args.kl_coef, mb["ref_logp"] if use_ref else None)
-        stats["logp_diff"] = masked_sum((logp.detach() - mb["rollout_logp"]).abs(), mb["mask"])
+        checked = mb["mask"] * mb["has_rollout_logp"].unsqueeze(1)
+        stats["logp_diff"] = masked_sum((logp.detach() - mb["rollout_logp"]).abs(), checked)
+        stats["logp_diff_tokens"] = checked.sum()
         return loss_sum, n.int(), {k: v.detach() for k, v in dict(stats, loss=loss_sum, tokens=n).items()}
     res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
@@ -563,8 +576,9 @@ def sync_weights(model, llm, cfg):
 
 
 def generate(llm, prompts, sampling_params):
-    """prompts: list of token-id lists -> per prompt, the list of its n samples
-    (response token ids, per-token logprobs, finish reason)."""
+    """prompts: list of token-id lists; sampling_params: one for all, or one per prompt
+    -> per prompt, the list of its n samples (response token ids, per-token logprobs or None,
+    finish reason)."""
     from vllm.inputs import TokensPrompt
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling_params, use_tqdm=False)
     result = []
@@ -641,7 +655,9 @@ def parse_args(argv):
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     g.add_argument("--clip-ratio", type=float, default=0.2, help="PPO clip epsilon")
     g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the initial policy in the loss")
-    g.add_argument("--no-kl-log", action="store_true", help="skip the reference model (no KL logged; saves its memory)")
+    g.add_argument("--kl-log-interval", type=int, default=10,
+                   help="with --kl-coef 0, measure the KL to the initial policy every N steps (0: never, and no "
+                        "reference model is kept); with --kl-coef > 0 it is part of the loss, so every step")
     g.add_argument("--no-std-norm", action="store_true", help="advantages without std scaling (Dr. GRPO)")
     g.add_argument("--old-logp-pass", action="store_true",
                    help="compute old log-probs in a separate forward before the update (default: the update's own "
@@ -678,6 +694,8 @@ def parse_args(argv):
                         "128 prompts x 8 samples, 256-token prompts, 1024 new tokens each, one warm-up step")
     g.add_argument("--benchmark-steps", type=int, default=3, help="timed steps after the warm-up step")
     a = p.parse_args(argv)
+    if a.kl_log_interval < 0 or a.kl_coef < 0:
+        raise UserError("--kl-log-interval and --kl-coef must be >= 0")
     if a.benchmark:
         # the workload is fixed so that numbers from different runs and machines compare
         a.toy_token, a.toy_prompt_len, a.prompts_per_step, a.n_samples_per_prompt = 7, 256, 128, 8
@@ -715,18 +733,20 @@ def log0(*a):
         print(*a, flush=True)
 
 
-def benchmark_report(args, history, llm, model, optimizer, batch, prompts, rollout_params):
+def benchmark_report(args, history, llm, model, optimizer, ref, batch, prompts, sampling_params):
     """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
     the steps after the warm-up, and the two ceilings measured in the same process: the same
-    rollout through plain `LLM.generate`, and a plain Megatron forward+backward of the same
-    rows (no optimizer step, no log-prob pass). tokens/s are for the whole job (all GPUs)."""
+    prompts through plain `LLM.generate` (no log-probs at all), and a plain Megatron
+    forward+backward of the same rows (no optimizer step). Also the reference model's forward,
+    which a step runs only every --kl-log-interval steps when --kl-coef is 0. tokens/s are for
+    the whole job (all GPUs)."""
     timed = history[1:] or history
     mean = {k: sum(m[k] for m in timed) / len(timed) for k in timed[0] if k.startswith("time_") or k.endswith("_tokens")}
     world = dist.get_world_size()
     # ceiling 1: vLLM alone (it is awake after the last step's sync)
     torch.cuda.synchronize()
     t = time.time()
-    outs = generate(llm, prompts, rollout_params)
+    outs = generate(llm, prompts, sampling_params)
     gen_tokens = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
     dist.all_reduce(gen_tokens)
     vllm_s = time.time() - t
@@ -748,6 +768,13 @@ def benchmark_report(args, history, llm, model, optimizer, batch, prompts, rollo
     dp_tokens = torch.tensor([float(batch["lengths"].sum())], device="cuda", dtype=torch.float64)
     dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
     fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
+    ref_s = None
+    if ref is not None:
+        torch.cuda.synchronize()
+        t = time.time()
+        compute_logprobs(ref, batch, args)
+        torch.cuda.synchronize()
+        ref_s = time.time() - t
     step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
     report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp,
               "device": torch.cuda.get_device_name(), "timed_steps": len(timed), "step_s": step_s,
@@ -755,7 +782,8 @@ def benchmark_report(args, history, llm, model, optimizer, batch, prompts, rollo
               "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
               "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
               "ceiling_vllm_tokens_per_s": vllm_tps, "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
-              "gpu_used_after_update_gib": max(m["gpu_used_after_update_gib"] for m in history)}
+              "gpu_used_after_update_gib": max(m["gpu_used_after_update_gib"] for m in history),
+              "kl_coef": args.kl_coef, "kl_log_interval": args.kl_log_interval, "reference_forward_s": ref_s}
     report["rollout_share_of_ceiling"] = report["rollout_tokens_per_s"] / vllm_tps
     if dist.get_rank() == 0:
         print(f"benchmark: Qwen2.5-{args.benchmark} shape, random weights, {args.prompts_per_step} prompts x "
@@ -764,6 +792,9 @@ def benchmark_report(args, history, llm, model, optimizer, batch, prompts, rollo
         for k, v in report["phases_s"].items():
             print(f"  {k:<10} {v:8.2f} s")
         print(f"  {'step':<10} {step_s:8.2f} s")
+        if ref_s is not None:
+            print(f"  reference forward {ref_s:.2f} s: in every step with --kl-coef > 0, else every "
+                  f"--kl-log-interval ({args.kl_log_interval}) steps")
         print(f"  rollout {report['rollout_tokens_per_s']:,.0f} generated tok/s = "
               f"{100 * report['rollout_share_of_ceiling']:.0f}% of plain vLLM ({vllm_tps:,.0f} tok/s)")
         print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
@@ -823,7 +854,7 @@ def run(args):
     # ---- models ---------------------------------------------------------------------------
     model, optimizer = build_trainer(cfg, args)
     ref = None
-    if args.kl_coef > 0 or not args.no_kl_log:
+    if args.kl_coef > 0 or args.kl_log_interval > 0:
         # The frozen initial policy, for KL. Only bf16 params on the GPU: no grads, no optimizer.
         ref = convert.build_model(cfg, convert.transformer_config(cfg, torch.bfloat16, args.tp, args.pp,
                                                                  variable_seq_lengths=args.pp > 1)).cuda()
@@ -855,10 +886,16 @@ def run(args):
     max_new_tokens = args.max_len - (args.toy_prompt_len if args.toy_token is not None else args.max_prompt_len)
     # top_p 1 / top_k -1 for training rollouts: truncation would renormalise vLLM's log-probs and
     # the samples would no longer come from the policy that the loss assumes.
-    rollout_params = SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
-                                    max_tokens=max_new_tokens,
-                                    logprobs=0, stop_token_ids=stop_ids or None, seed=None,
-                                    ignore_eos=args.benchmark is not None)
+    # vLLM's own log-probs (logprobs=0: the sampled token's) serve only the vLLM-vs-Megatron check;
+    # the loss takes Megatron's. They are not free: vLLM turns each one into Python objects, per
+    # token and step, in the thread that also schedules the GPU. Asked for on every sample they made
+    # a 0.5B benchmark rollout 36 s instead of 22 s (H100). So only the first prompt of each engine's
+    # share asks for them: n samples of it are plenty to see a stale or wrong weight sync.
+    def rollout_params(logprobs):
+        return SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
+                              max_tokens=max_new_tokens, logprobs=logprobs, stop_token_ids=stop_ids or None,
+                              seed=None, ignore_eos=args.benchmark is not None)
+    checked, unchecked = rollout_params(0), rollout_params(None)
     os.makedirs(args.out, exist_ok=True)
     log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0)
     rollout_groups, group = world // args.tp, rank // args.tp    # one vLLM engine per TP group
@@ -889,7 +926,7 @@ def run(args):
         step_prompts = [train[i] for i in order[cursor:cursor + args.prompts_per_step]]
         cursor += args.prompts_per_step
         mine = step_prompts[group::rollout_groups]
-        outs = generate(llm, [p for p, _ in mine], rollout_params)
+        outs = generate(llm, [p for p, _ in mine], ([checked] + [unchecked] * len(mine))[:len(mine)])
         times["rollout"] = time.time() - t
         # ---- 2. sleep vLLM, score ---------------------------------------------------------
         trace(args, step, "sleep+score")
@@ -932,7 +969,11 @@ def run(args):
         t = time.time()
         if args.old_logp_pass:
             batch["old_logp"] = compute_logprobs(model, batch, args)
-        if ref is not None:
+        # With kl_coef 0 the reference model does not touch the loss: its forward (a third of the
+        # update's time) only measures how far the policy drifted, so it runs every
+        # kl_log_interval steps (TRL and verl skip it altogether when the KL weight is 0).
+        measure_kl = ref is not None and (args.kl_coef > 0 or step % args.kl_log_interval == 0)
+        if measure_kl:
             batch["ref_logp"] = compute_logprobs(ref, batch, args)
         times["logprobs"] = time.time() - t
         # ---- 5. policy update ------------------------------------------------------------
@@ -970,7 +1011,8 @@ def run(args):
         # ---- 7. log ----------------------------------------------------------------------
         trace(args, step, "log")
         red = torch.tensor([stats.get(k, 0.0) for k in
-                            ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens", "logp_diff")], device="cuda")
+                            ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens", "logp_diff",
+                             "logp_diff_tokens")], device="cuda")
         dist.all_reduce(red, group=ps.get_data_parallel_group())
         n_tok = max(red[5].item(), 1.0)
         lengths = [len(s["response_ids"]) for s in all_samples]
@@ -983,13 +1025,15 @@ def run(args):
             "train_tokens": sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in all_samples),
             "clipped_ratio": sum(s["truncated"] for s in all_samples) / len(all_samples),
             "loss": red[0].item() / n_tok, "pg_loss": red[1].item() / n_tok, "clip_frac": red[2].item() / n_tok,
-            "kl": red[3].item() / n_tok, "neg_logp": red[4].item() / n_tok,
-            "logp_diff_vllm_megatron": red[6].item() / n_tok,
+            "neg_logp": red[4].item() / n_tok,
+            "logp_diff_vllm_megatron": red[6].item() / max(red[7].item(), 1.0),
             "grad_norm": stats["grad_norm"], "update_skipped": stats["update_skipped"],
             "tokens_per_s_rollout": sum(lengths) / max(times["rollout"], 1e-9) / max(1, rollout_groups),
             # (torch's own peak counters also count vLLM's sleeping pool, so we read the driver)
             "gpu_used_after_update_gib": used_in_update / 2**30, "gpu_free_before_wake_gib": free_before_wake / 2**30,
             **{f"time_{k}": v for k, v in times.items()}})
+        if measure_kl:
+            m["kl"] = red[3].item() / n_tok
         # ---- eval ------------------------------------------------------------------------
         if args.eval_interval and step % args.eval_interval == 0 and test:
             t = time.time()
@@ -1008,14 +1052,15 @@ def run(args):
             metrics_file.flush()
             if wandb_run is not None:
                 wandb_run.log(m, step=step)
-            print(f"step {step}: reward {m['reward']:.3f} loss {m['loss']:.4f} kl {m['kl']:.4f} "
+            print(f"step {step}: reward {m['reward']:.3f} loss {m['loss']:.4f} "
+                  + (f"kl {m['kl']:.4f} " if "kl" in m else "") +
                   f"clip {m['clip_frac']:.3f} |logp diff| {m['logp_diff_vllm_megatron']:.4f} "
                   f"len {m['response_len_mean']:.0f} grad {m['grad_norm']:.3f} "
                   f"mem {m['gpu_used_after_update_gib']:.1f}/{m['gpu_free_before_wake_gib']:.1f} GiB used/free "
                   + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_"))
                   + (f" eval_acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""), flush=True)
     if args.benchmark:
-        benchmark_report(args, history, llm, model, optimizer, batch, [p for p, _ in mine], rollout_params)
+        benchmark_report(args, history, llm, model, optimizer, ref, batch, [p for p, _ in mine], unchecked)
         del llm
         convert.shutdown_distributed()
         return

@@ -299,6 +299,7 @@ def test_make_batch_aligns_targets_and_mask_with_response_tokens():
     assert b["targets"].tolist() == [[6, 7, 8, 0], [2, 3, 4, 0]]
     assert b["mask"].tolist() == [[0, 1, 1, 0], [1, 1, 1, 0]]
     assert b["rollout_logp"][0].tolist() == [0, -0.5, -0.25, 0]
+    assert b["has_rollout_logp"].tolist() == [1, 0]      # vLLM gave no log-probs for the second
 
 
 def test_micro_batches_trim_padding_and_keep_every_row_once():
@@ -594,8 +595,10 @@ def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpt
     assert r["stats"]["tokens"] == r["ref_tokens"] == 6
     assert r["stats"]["neg_logp"] == pytest.approx(r["ref_neg_logp"], rel=1e-5)
     assert r["stats"]["grad_norm"] > 0 and r["stats"]["update_skipped"] == 0
-    # the vLLM-vs-Megatron monitor: sum over response tokens of |Megatron logp - rollout logp|
+    # the vLLM-vs-Megatron monitor: sum of |Megatron logp - rollout logp| over the response tokens
+    # of the rows that carry vLLM log-probs (row 0's 4 tokens; row 1 has none)
     assert r["stats"]["logp_diff"] == pytest.approx(r["ref_logp_diff"], rel=1e-5)
+    assert r["stats"]["logp_diff_tokens"] == 4
     # old log-probs from the update's own forward == a separate pass (one optimizer step per batch)
     assert r["twin_stats"]["loss"] == pytest.approx(r["stats"]["loss"], abs=1e-6)
     assert r["twin_stats"]["grad_norm"] == pytest.approx(r["stats"]["grad_norm"], rel=1e-5)
@@ -736,6 +739,7 @@ def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
         (["--load", mc, "--hf-dir", hf, "--tp", "4"], ["TP=4 does not divide num_attention_heads=6"]),
         (["--load", mc, "--hf-dir", str(root / "hf_untied")], ["another model", "tie_word_embeddings"]),
         (["--load", mc, "--hf-dir", hf, "--max-prompt-len", "4096"], ["--max-prompt-len"]),
+        (["--load", mc, "--hf-dir", hf, "--kl-log-interval", "-1"], ["--kl-log-interval", ">= 0"]),
     ]
     for args, words in cases:
         assert_one_line_error(run_script("grpo.py", *args), *words)
@@ -751,13 +755,13 @@ def trainstep_main(argv):
     import convert
     import grpo
     ckpt, hf_dir, out = argv[:3]
-    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log", *argv[3:]])
+    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--kl-log-interval", "0", *argv[3:]])
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
     model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")   # loads args.load
     samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0,
                 "rollout_logps": [-1.0] * 4},                # stand-ins for vLLM's log-probs
-               {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0, "rollout_logps": [-1.0] * 2}]
+               {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0, "rollout_logps": None}]
     batch = grpo.make_batch(samples)
     # the same step twice from the same checkpoint: with a separate old-log-prob pass, and with
     # the default (old = the update's own forward, detached); they must land on the same weights
@@ -775,7 +779,7 @@ def trainstep_main(argv):
         with open(out, "w") as f:
             json.dump({"stats": stats, "ref_loss": float(ref_loss), "ref_tokens": float(ref_n),
                        "ref_neg_logp": float(ref_stats["neg_logp"]), "twin_stats": twin_stats,
-                       "ref_logp_diff": float(((before + 1.0).abs() * m).sum()),
+                       "ref_logp_diff": float(((before[0] + 1.0).abs() * m[0]).sum()),   # row 0 only
                        "twin_max_diff": float(((after_twin - after) * m).abs().max()),
                        "step_size": float(((after - before) * m).abs().max()),
                        "before": [float((before[i] * m[i]).sum()) for i in range(2)],
@@ -955,13 +959,14 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
                    "--hf-dir", str(tmp_path / "hf"), "--data", data, "--out", str(tmp_path / "out"),
                    "--steps", "2", "--prompts-per-step", "8", "--n-samples-per-prompt", "4", "--max-len", "256",
                    "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "7",
-                   "--gpu-memory-utilization", "0.3", timeout=900)
+                   "--gpu-memory-utilization", "0.3", "--kl-log-interval", "2", timeout=900)
     print(p.stdout[-4000:])
     assert p.returncode == 0, p.stderr[-5000:]
     assert "prompts: 20 train (0 dropped" in p.stdout
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(m) == 2 and "eval_accuracy" in m[1] and 0.0 <= m[1]["eval_accuracy"] <= 1.0
     assert all(0.0 <= x["reward"] <= 1.0 and x["logp_diff_vllm_megatron"] < 0.02 for x in m)
+    assert "kl" not in m[0] and "kl" in m[1]                       # --kl-log-interval 2
     if m[0]["reward_std"] == 0:
         # all samples scored alike -> zero advantages -> zero gradient: the policy must still be
         # the loaded one (a bf16 optimizer built before loading would reset it to its random init)
@@ -1048,7 +1053,7 @@ def ckpt_main(argv):
     import grpo
     ckpt, hf_dir, out, result = argv[:4]
     dtype = torch.bfloat16 if "--bf16" in argv else torch.float32        # (a test flag, not grpo's)
-    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--no-kl-log",
+    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--kl-log-interval", "0",
                             *[a for a in argv[4:] if a != "--bf16"]])
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
