@@ -1041,12 +1041,19 @@ def run(args):
             ep = SamplingParams(n=1, temperature=0.6, top_p=0.95, top_k=20, max_tokens=max_new_tokens,
                                 stop_token_ids=stop_ids or None)
             eouts = generate(llm, [p for p, _ in eval_rows], ep)
+            m["time_eval_generate"] = time.time() - t
+            t = time.time()
             texts = tokenizer.batch_decode([o[0][0] for o in eouts], skip_special_tokens=True)
             acc = prepare.score_responses(texts, [g for _, g in eval_rows], num_workers=args.reward_workers)
             acc_t = torch.tensor([sum(acc), len(acc)], dtype=torch.float64, device="cuda") * (rank % args.tp == 0)
             dist.all_reduce(acc_t)
             m["eval_accuracy"] = (acc_t[0] / acc_t[1].clamp(min=1)).item()
-            m["time_eval"] = time.time() - t
+            m["time_eval_score"] = time.time() - t
+            if log_rank:       # the answers this rank scored, to read what the model writes
+                os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+                with open(os.path.join(args.out, "eval", f"step_{step:06d}.jsonl"), "w") as f:
+                    for text, (_, truth), a in zip(texts, eval_rows, acc):
+                        f.write(json.dumps({"response": text, "ground_truth": truth, "reward": a}) + "\n")
         if metrics_file:
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()

@@ -965,6 +965,10 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
     assert "prompts: 20 train (0 dropped" in p.stdout
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(m) == 2 and "eval_accuracy" in m[1] and 0.0 <= m[1]["eval_accuracy"] <= 1.0
+    evals = [json.loads(line) for line in open(tmp_path / "out" / "eval" / "step_000002.jsonl")]
+    print(f"eval: generate {m[1]['time_eval_generate']:.1f}s, score {m[1]['time_eval_score']:.1f}s; first answer:",
+          repr(evals[0]["response"][:300]))
+    assert len(evals) == 7 and sum(e["reward"] for e in evals) / 7 == pytest.approx(m[1]["eval_accuracy"])
     assert all(0.0 <= x["reward"] <= 1.0 and x["logp_diff_vllm_megatron"] < 0.02 for x in m)
     assert "kl" not in m[0] and "kl" in m[1]                       # --kl-log-interval 2
     if m[0]["reward_std"] == 0:
