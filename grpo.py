@@ -733,6 +733,15 @@ def log0(*a):
         print(*a, flush=True)
 
 
+def cuda_seconds(fn):
+    """(fn(), wall seconds), with the GPU idle before and after: its queued kernels are counted."""
+    torch.cuda.synchronize()
+    t = time.time()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, time.time() - t
+
+
 def benchmark_report(args, history, llm, model, optimizer, ref, batch, prompts, sampling_params):
     """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
     the steps after the warm-up, and the two ceilings measured in the same process: the same
@@ -744,13 +753,13 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, prompts, 
     mean = {k: sum(m[k] for m in timed) / len(timed) for k in timed[0] if k.startswith("time_") or k.endswith("_tokens")}
     world = dist.get_world_size()
     # ceiling 1: vLLM alone (it is awake after the last step's sync)
-    torch.cuda.synchronize()
-    t = time.time()
-    outs = generate(llm, prompts, sampling_params)
-    gen_tokens = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
-    dist.all_reduce(gen_tokens)
-    vllm_s = time.time() - t
-    vllm_tps = gen_tokens.item() / args.tp / vllm_s       # each TP group generated its own share
+    def plain_vllm():
+        outs = generate(llm, prompts, sampling_params)
+        n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
+        dist.all_reduce(n)
+        return n.item()
+    gen_tokens, vllm_s = cuda_seconds(plain_vllm)
+    vllm_tps = gen_tokens / args.tp / vllm_s              # each TP group generated its own share
     # ceiling 2: Megatron forward+backward alone, same rows and micro batches
     llm.sleep(level=args.sleep_level)
     restore_trainer(model, optimizer)
@@ -760,21 +769,11 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, prompts, 
         logp = token_logprobs(logits, mb["targets"], args.temperature)
         return -(logp * mb["mask"]).sum(), mb["mask"].sum().int(), {}
     model.zero_grad_buffer()
-    torch.cuda.synchronize()
-    t = time.time()
-    _run_micro_batches(model, mbs, loss_fn, forward_only=False)
-    torch.cuda.synchronize()
-    fb_s = time.time() - t
+    _, fb_s = cuda_seconds(lambda: _run_micro_batches(model, mbs, loss_fn, forward_only=False))
     dp_tokens = torch.tensor([float(batch["lengths"].sum())], device="cuda", dtype=torch.float64)
     dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
     fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
-    ref_s = None
-    if ref is not None:
-        torch.cuda.synchronize()
-        t = time.time()
-        compute_logprobs(ref, batch, args)
-        torch.cuda.synchronize()
-        ref_s = time.time() - t
+    ref_s = cuda_seconds(lambda: compute_logprobs(ref, batch, args))[1] if ref is not None else None
     step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
     report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp,
               "device": torch.cuda.get_device_name(), "timed_steps": len(timed), "step_s": step_s,
@@ -926,7 +925,7 @@ def run(args):
         step_prompts = [train[i] for i in order[cursor:cursor + args.prompts_per_step]]
         cursor += args.prompts_per_step
         mine = step_prompts[group::rollout_groups]
-        outs = generate(llm, [p for p, _ in mine], ([checked] + [unchecked] * len(mine))[:len(mine)])
+        outs = generate(llm, [p for p, _ in mine], [checked if i == 0 else unchecked for i in range(len(mine))])
         times["rollout"] = time.time() - t
         # ---- 2. sleep vLLM, score ---------------------------------------------------------
         trace(args, step, "sleep+score")
@@ -969,19 +968,16 @@ def run(args):
         t = time.time()
         if args.old_logp_pass:
             batch["old_logp"] = compute_logprobs(model, batch, args)
-        # With kl_coef 0 the reference model does not touch the loss: its forward (a third of the
-        # update's time) only measures how far the policy drifted, so it runs every
-        # kl_log_interval steps (TRL and verl skip it altogether when the KL weight is 0).
+        # With kl_coef 0 the reference model does not touch the loss: its forward (11 s next to
+        # the update's 19 s in the 0.5B benchmark) only measures how far the policy drifted, so
+        # it runs every kl_log_interval steps (TRL and verl skip it altogether at KL weight 0).
         measure_kl = ref is not None and (args.kl_coef > 0 or step % args.kl_log_interval == 0)
         if measure_kl:
             batch["ref_logp"] = compute_logprobs(ref, batch, args)
         times["logprobs"] = time.time() - t
         # ---- 5. policy update ------------------------------------------------------------
         trace(args, step, "update")
-        t = time.time()
-        stats = train_on_batch(model, optimizer, batch, args)
-        torch.cuda.synchronize()
-        times["update"] = time.time() - t
+        stats, times["update"] = cuda_seconds(lambda: train_on_batch(model, optimizer, batch, args))
         if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
             # Saved right after the update, while the optimizer state is on the GPU. A run killed
             # after this point resumes at step + 1; killed before it, it redoes this step (from
