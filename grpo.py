@@ -10,30 +10,32 @@
     torchrun --nproc_per_node 1 grpo.py --load tiny-mcore --hf-dir tiny-hf --toy-token 7
     # benchmark: a fixed workload on random Qwen2.5-0.5B-shaped weights, with the two ceilings
     torchrun --nproc_per_node 1 grpo.py --benchmark 0.5B
+    # the memory plan of a layout, without GPUs
+    python grpo.py --memory-plan 7B --tp 2 --world-size 8 --gpu-gib 80
 
 One step, and what sits in GPU memory during each phase:
 
     phase                          GPU memory holds
     1 rollout (vLLM generate)      Megatron bf16 params | vLLM weights + KV cache
-    2 sleep vLLM, score rewards    Megatron bf16 params | vLLM weights copied to CPU, KV freed
+    2 sleep vLLM, score rewards    Megatron bf16 params | (vLLM's weights and KV cache freed)
     3 group advantages             (CPU)
-    4 ref log-probs (every         Megatron params + grads + optimizer state (back from CPU)
-      --kl-log-interval steps)
-    5 policy update                + activations of one micro batch (its forward also gives
-                                   the "old" log-probs: one optimizer step per batch, see
-                                   train_on_batch)
+    4 ref / old log-probs          + grads; the reference model visits the GPU for its forward
+    5 policy update                + activations of one micro batch, then the optimizer state
+                                   (back from host memory) for optimizer.step()
     6 weight sync                  optimizer state and grads go back to CPU; vLLM weights wake,
                                    Megatron -> vLLM one tensor at a time; then the KV cache wakes
-    7 log
+    7 log (and evaluate)
 
 Why this choreography: the KV cache and the optimizer state (12 bytes per parameter: fp32 master
 weights + two Adam moments) do not both fit next to the weights on one GPU for the larger models,
 and neither is needed while the other works. Grads are freed (DDP `offload_grad_buffers`), the
-optimizer state is copied to pinned host buffers (`offload_trainer`: 0.2 s for 0.5B), vLLM sleeps
-between rollouts; we size vLLM's memory share from what is free *after* the trainer's state has
-gone to CPU, so both always fit.
+optimizer state is copied to pinned host buffers (`offload_trainer`), vLLM sleeps between
+rollouts; we size vLLM's memory share from what is free *after* the trainer's state has gone to
+CPU, so both always fit. `memory_plan` adds it all up before anything is allocated.
 """
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -43,24 +45,24 @@ import time
 # The trainer's allocations come and go (optimizer state, activations, logits of 100k-token
 # vocabularies) while vLLM's pool waits asleep; with PyTorch's default fixed-size segments one
 # live tensor pins a whole segment and empty_cache() cannot hand the memory back for vLLM's
-# wake-up (seen: 10 GiB short on 0.5B). Expandable segments return freed pages. vLLM turns the
-# setting off inside its own pool when it comes from this variable, which is why it is set here,
-# before torch is imported, and not through torch.cuda.memory._set_allocator_settings.
+# wake-up. Expandable segments return freed pages. vLLM turns the setting off inside its own pool
+# when it comes from this variable, which is why it is set here, before torch is imported, and
+# not through torch.cuda.memory._set_allocator_settings.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
-import torch.distributed as dist
+import torch.distributed as dist  # noqa: E402
 
-import convert
-import prepare
-from convert import UserError
+import convert  # noqa: E402
+import prepare  # noqa: E402
+from convert import UserError  # noqa: E402
 
 
 # ==============================================================================================
 # The GRPO math: small pure functions, shapes in the comments
 # ==============================================================================================
 def masked_sum(x, mask):
-    """Sum of x where mask is 1. x, mask: same shape."""
+    """Sum of x where mask is 1 (or weighted by mask). x, mask: same shape."""
     return (x * mask).sum()
 
 
@@ -85,13 +87,41 @@ def group_advantages(rewards, n_samples_per_prompt, eps=1e-5, norm_by_std=True):
     Example: n=3, rewards [1, 0, 0] -> mean 1/3, std 0.577 -> advantages [1.155, -0.577, -0.577]
     """
     r = rewards.view(-1, n_samples_per_prompt).float()            # [num_prompts, n]
-    mean = r.mean(dim=1, keepdim=True)
     if n_samples_per_prompt == 1:
         return torch.zeros_like(rewards, dtype=torch.float32)
-    adv = r - mean
+    adv = r - r.mean(dim=1, keepdim=True)
     if norm_by_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     return adv.view(-1)
+
+
+def informative_groups(rewards, n_samples_per_prompt):
+    """Which prompts' groups carry a gradient: those whose rewards are not all equal.
+
+    An all-equal group has advantages of exactly 0, so its samples change nothing but the token
+    count that the loss is averaged over. DAPO's dynamic sampling (arXiv 2503.14476, sec. 3.2)
+    drops them and rolls out more prompts instead (`--filter-groups`).
+    rewards: [num_prompts * n] -> [num_prompts] bool
+    Example: n=2, rewards [1, 1, 0, 1, 0, 0] -> [False, True, False]
+    """
+    r = rewards.view(-1, n_samples_per_prompt)
+    return (r != r[:, :1]).any(dim=1)
+
+
+def overlong_penalty(response_lengths, max_response_lengths, buffer, penalty):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward:
+
+        0                                       if L <= L_max - buffer
+        -penalty * (L - (L_max - buffer)) / buffer   if L_max - buffer < L <= L_max
+
+    A truncated answer usually scores 0 anyway; this also pushes down answers that are about to
+    run out of room, a smooth signal where truncation is a cliff. L_max is the sample's own
+    response budget (max_len - its prompt's length).
+    response_lengths, max_response_lengths: [N] -> [N], values in [-penalty, 0]
+    Example: L_max 100, buffer 20, penalty 1: L 80 -> 0, L 90 -> -0.5, L 100 -> -1.0
+    """
+    over = (response_lengths.float() - (max_response_lengths.float() - buffer)).clamp(min=0)
+    return -penalty * (over / buffer).clamp(max=1.0)
 
 
 def kl_k3(logp, ref_logp):
@@ -106,46 +136,127 @@ def kl_k3(logp, ref_logp):
     return (torch.exp(d) - d - 1).clamp(max=10)
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_ratio=0.2, kl_coef=0.0, ref_logp=None):
-    """PPO's clipped surrogate with GRPO advantages, summed over the valid tokens.
+def tis_weights(old_logp, rollout_logp, cap):
+    """Truncated importance sampling against the rollout/trainer mismatch (as verl's
+    `tis_imp_ratio_cap` and TRL's vLLM importance-sampling correction):
+
+        w = min(pi_old(y) / pi_vllm(y), cap)      per token, no gradient
+
+    The samples come from vLLM, but the loss assumes they came from the trainer's pi_old; bf16
+    kernels make the two differ slightly, and w reweights each token toward the distribution the
+    loss assumes. The cap bounds the variance a near-zero vLLM probability would cause.
+    old_logp, rollout_logp: [b, s] -> [b, s]
+    Example: pi_old 0.5, pi_vllm 0.4, cap 2 -> 1.25;  pi_old 0.9, pi_vllm 0.1, cap 2 -> 2
+    """
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
+def loss_weights(mask, loss_agg, norm_len):
+    """Per-token weights w [b, s] and this micro batch's share of the normaliser, such that the
+    loss of a whole batch is  sum(w * loss) / sum(normalisers)  however the batch is cut into
+    micro batches and data-parallel ranks (rows are never split, and Megatron adds the sums and
+    the normalisers of all micro batches and ranks before it divides: `calculate_per_token_loss`).
+
+      token-mean               w = mask          n = response tokens      (DAPO; the default)
+      seq-mean-token-mean      w = mask / |o_i|  n = sequences            (the GRPO paper)
+      seq-mean-token-sum-norm  w = mask          n = sequences * norm_len (Dr. GRPO, 2503.20783)
+
+    token-mean weighs every token alike, so long answers weigh more; seq-mean-token-mean weighs
+    every answer alike, so a token of a short answer weighs more; Dr. GRPO divides by a constant,
+    so neither the length of an answer nor of the batch rescales its gradient.
+    A row whose mask is empty (filtered out) counts in no normaliser.
+    mask: [b, s] -> (w [b, s], normaliser: int tensor [])
+    Example: two answers of 1 and 3 tokens, norm_len 4:
+      token-mean: w [1 | 1 1 1], n 4;  seq-mean-token-mean: w [1 | 1/3 1/3 1/3], n 2;
+      seq-mean-token-sum-norm: w [1 | 1 1 1], n 8.
+    """
+    tokens = mask.sum(dim=1)                                    # [b]
+    seqs = (tokens > 0).sum()
+    if loss_agg == "token-mean":
+        return mask, tokens.sum().int()
+    if loss_agg == "seq-mean-token-mean":
+        return mask / tokens.clamp(min=1).unsqueeze(1), seqs.int()
+    if loss_agg == "seq-mean-token-sum-norm":
+        return mask, (seqs * norm_len).int()
+    raise ValueError(loss_agg)
+
+
+def policy_loss(logp, old_logp, advantages, weights, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                kl_coef=0.0, ref_logp=None, is_weights=None):
+    """PPO's clipped surrogate with GRPO advantages, summed over the tokens with their weights.
 
         ratio = exp(logp - old_logp)                    (clamped at exp(10) against overflow)
-        loss  = -min(ratio * A, clip(ratio, 1-clip_ratio, 1+clip_ratio) * A)  [+ kl_coef * k3]
+        loss  = -min(ratio * A, clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high) * A)
+                [* is_weights]  [+ kl_coef * k3(logp, ref_logp)]
 
-    Returns the *sum* over tokens and the token count, not the mean: Megatron adds the sums of
-    all micro batches and data-parallel ranks and divides once by the global token count
-    (`calculate_per_token_loss`), so every token of the batch weighs the same however the batch
-    is cut into micro batches (the "token-mean" of DAPO, arXiv 2503.14476).
+    Returns the weighted *sum* over tokens, not a mean: see `loss_weights` for how the sum
+    becomes the chosen mean over the whole batch.
+    The clip only acts when the policy has moved since the samples were scored, i.e. from the
+    second optimizer step on one batch (`--mini-batches`, `--epochs`). With one step per batch
+    (the default, as in the reference pipeline) old_logp is the update's own log-prob, the
+    ratio is exactly 1, clip_frac is 0 and the loss is the plain policy gradient -A * logp.
+    Clip-higher (clip_ratio_high > clip_ratio_low) is DAPO's: it leaves more room to raise
+    unlikely tokens, against entropy collapse.
 
-    logp, old_logp, mask, ref_logp: [b, s];  advantages: [b] (one per sequence) or [b, s]
-    -> (loss_sum [], num_tokens [], stats dict of sums over tokens)
-    Example: A=+1, ratio 1.5 with clip 0.2 -> the term is -1.2 (clipped: no reward for moving
-    further); A=-1, ratio 1.5 -> -max(-1.5, -1.2) = 1.5 (never clipped toward more harm).
+    logp, old_logp, weights, ref_logp, is_weights: [b, s];  advantages: [b] or [b, s]
+    -> (loss_sum [], stats: dict of token sums)
+    Example: A=+1, ratio 1.5 with clip 0.2 -> -min(1.5, 1.2) = -1.2 (clipped: no reward for
+    moving further); A=-1, ratio 1.5 -> -min(-1.5, -1.2) = 1.5 (never clipped toward more harm).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)                     # [b, 1] broadcasts over tokens
-    log_ratio = (logp - old_logp).clamp(max=10.0)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp((logp - old_logp).clamp(max=10.0))
     surr1 = ratio * advantages
-    surr2 = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantages
+    surr2 = ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high) * advantages
     pg = -torch.minimum(surr1, surr2)                            # [b, s]
-    clipped = (surr2 < surr1).float()
+    if is_weights is not None:
+        pg = pg * is_weights
     loss = pg
     kl = torch.zeros_like(pg)
     if ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
         loss = pg + kl_coef * kl
-    mask = mask.float()
-    stats = {"pg_loss": masked_sum(pg, mask).detach(), "clip_frac": masked_sum(clipped, mask),
-             "kl": masked_sum(kl, mask).detach(), "neg_logp": masked_sum(-logp, mask).detach(),
-             "ratio": masked_sum(ratio, mask).detach()}
-    return masked_sum(loss, mask), mask.sum(), stats
+    on = (weights > 0).float()                                   # the tokens in the loss
+    stats = {"pg_loss": masked_sum(pg, on).detach(), "clip_frac": masked_sum((surr2 < surr1).float(), on),
+             "kl": masked_sum(kl, on).detach(), "neg_logp": masked_sum(-logp, on).detach(),
+             "ratio": masked_sum(ratio, on).detach(), "loss_tokens": on.sum()}
+    return masked_sum(loss, weights), stats
 
 
 def toy_reward(response_ids, token_id):
     """The toy task's reward: the fraction of the completion's tokens equal to `token_id`. A random
     policy earns a little of it, so GRPO has a signal to amplify from the first step."""
     return sum(t == token_id for t in response_ids) / max(1, len(response_ids))
+
+
+def logp_diff_verdict(diffs, warn, stop, first_steps=3):
+    """The tripwire on the vLLM-vs-Megatron log-prob gap (mean |diff| per token, one per step).
+
+    After every weight sync both engines hold the same bf16 weights, so the gap is kernel noise:
+    about 0.001 on a trained small model and 0.01-0.04 on random Qwen2.5-shaped weights (higher
+    entropy). A gap far above that means the two engines run different models — a config field
+    read differently (RoPE base or scaling, norm epsilon), a stale or wrong weight sync, a dtype
+    — and the run learns nothing while looking healthy. -> "stop" when each of the first
+    `first_steps` steps is above `stop` (0 turns the stop off), "warn" when the newest is above
+    `warn`, else "ok".
+    Example: warn 0.1, stop 0.25: [0.8, 1.2, 0.5] -> stop;  [0.8, 0.01] -> ok;  [0.01, 0.3] -> warn
+    """
+    if stop > 0 and len(diffs) == first_steps and all(d > stop for d in diffs):
+        return "stop"
+    return "warn" if diffs and diffs[-1] > warn else "ok"
+
+
+def rollout_seed(seed, step, engine, stream=0):
+    """The seed of one engine's sampling in one step (stream 0: evaluation, 1 + k: the k-th
+    rollout round; other numbers for other draws, e.g. the mini-batch shuffle).
+
+    vLLM samples with torch's global CUDA generator (requests without a seed of their own), and
+    seeds it only when the engine starts. Reseeding it from (seed, step, engine) before every
+    generate makes each step's samples a function of the step alone, so a run resumed after step
+    k draws in step k+1 exactly what it would have drawn without the interruption, and TP peers
+    (one engine) draw the same tokens. Different engines get different seeds, or all
+    data-parallel groups would sample the same texts."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{engine}/{stream}".encode()).digest()[:8], "little")
 
 
 # ==============================================================================================
@@ -156,11 +267,12 @@ def make_batch(samples, pad_id=0):
 
     Row b is prompt + response, right-padded. Position t's logits predict token t+1, so the
     per-token tensors are aligned with *inputs*: targets[b, t] = tokens[b, t+1], and
-    mask[b, t] = 1 exactly where that target is a response token.
+    mask[b, t] = 1 exactly where that target is a response token (times the sample's "in_loss",
+    0 for an answer filtered out of the loss, e.g. by --overlong-filter).
     Right padding needs no attention mask: attention is causal, so no real token sees a pad.
 
     samples: list of dicts with prompt_ids, response_ids, advantage, rollout_logps (per response
-    token, or None where vLLM was not asked for them)
+    token, or None where vLLM was not asked for them), optional in_loss (default 1)
     -> tokens, targets, mask, rollout_logp: [B, L];  advantages, lengths, has_rollout_logp: [B]
     Example: prompt [5, 6], response [7, 8] -> tokens [5, 6, 7, 8], targets [6, 7, 8, pad],
              mask [0, 1, 1, 0]: logits at 6 score 7, logits at 7 score 8.
@@ -174,7 +286,7 @@ def make_batch(samples, pad_id=0):
     for b, s in enumerate(samples):
         p, r = len(s["prompt_ids"]), len(s["response_ids"])
         tokens[b, :p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"])
-        mask[b, p - 1:p + r - 1] = 1
+        mask[b, p - 1:p + r - 1] = float(s.get("in_loss", 1))
         if s.get("rollout_logps") is not None:
             rollout_logp[b, p - 1:p + r - 1] = torch.tensor(s["rollout_logps"], dtype=torch.float32)
             has_rollout_logp[b] = 1
@@ -184,6 +296,12 @@ def make_batch(samples, pad_id=0):
     lengths = torch.tensor([len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples])
     return {"tokens": tokens, "targets": targets, "mask": mask, "rollout_logp": rollout_logp,
             "advantages": advantages, "lengths": lengths, "has_rollout_logp": has_rollout_logp}
+
+
+def select_rows(batch, rows):
+    """The sub-batch of the given row indices (every tensor of the batch, row-wise)."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    return {k: v[idx] for k, v in batch.items()}
 
 
 def micro_batches(batch, max_tokens):
@@ -210,6 +328,17 @@ def micro_batches(batch, max_tokens):
     return result
 
 
+def mini_batch_rows(num_rows, num_mini_batches, rng):
+    """Shuffled row indices cut into `num_mini_batches` near-equal parts, one optimizer step each
+    (verl's ppo_mini_batch_size, TRL's steps per generation). Rows, never tokens, are split, so
+    each mini-batch's loss is the exact token mean (or chosen mean) of its own rows.
+    Example: 5 rows, 2 mini-batches -> e.g. [[3, 0, 4], [1, 2]]"""
+    order = list(range(num_rows))
+    rng.shuffle(order)
+    k = min(num_mini_batches, num_rows)
+    return [order[num_rows * i // k:num_rows * (i + 1) // k] for i in range(k)]
+
+
 # ==============================================================================================
 # Megatron: model, optimizer, log-probs, one update
 # ==============================================================================================
@@ -222,22 +351,25 @@ def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    # calculate_per_token_loss: the loss function returns (sum, token count); Megatron sums both
-    # over micro batches and DP ranks and divides once -> a true token-mean over the whole batch.
+    # calculate_per_token_loss: the loss function returns (sum, normaliser); Megatron sums both
+    # over micro batches and DP ranks and divides once -> an exact mean over the whole batch.
     config = convert.transformer_config(
         cfg, dtype, args.tp, args.pp, use_cpu_initialization=device == "cpu", perform_initialization=True,
-        calculate_per_token_loss=True, variable_seq_lengths=args.pp > 1)
+        calculate_per_token_loss=True, variable_seq_lengths=args.pp > 1, **recompute_settings(args.recompute))
     model = convert.build_model(cfg, config)
     if device != "cpu":
         model.cuda()
     if args.load:                  # None in --benchmark: random weights
         convert.load_mcore(model, args.load)
+    # bf16 gradient reduction halves the grad buffer (2 instead of 4 bytes per parameter); the
+    # optimizer still accumulates in fp32 master weights. Sums over many DP ranks lose a little
+    # precision, which is why fp32 stays the default where memory allows.
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=args.distributed_optimizer,
+        grad_reduce_in_fp32=args.grad_reduce_dtype == "fp32", use_distributed_optimizer=args.distributed_optimizer,
         average_in_collective=False, overlap_grad_reduce=False)
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     # Without finalize_model_grads no gradient is ever reduced over data-parallel ranks, and it is
-    # what divides by the global token count.
+    # what divides by the global normaliser.
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     opt_config = OptimizerConfig(
@@ -245,36 +377,200 @@ def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
         adam_beta2=args.adam_beta2, adam_eps=1e-8, clip_grad=args.grad_clip, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=args.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [ddp])
+    apply_weight_decay_multipliers(optimizer, args.weight_decay)
+    if device != "cpu":
+        keep_optimizer_share_on_cpu(optimizer, args.optimizer_cpu_offload or 0.0)
     return ddp, optimizer
 
 
+def recompute_settings(recompute):
+    """TransformerConfig fields for --recompute. "full": every layer keeps only its input and
+    recomputes its forward during the backward (one layer per checkpoint): activations shrink
+    from tens of KB per token and layer to the hidden state alone, for about one extra forward
+    (a third more compute in the update)."""
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def keep_optimizer_share_on_cpu(optimizer, fraction):
+    """--optimizer-cpu-offload F: the fp32 master weights and Adam moments of the largest
+    parameters, F of them by size, live in host memory for good, and their Adam step runs on the
+    CPU. It trades step time (a CPU Adam over that share, and its gradients copied to the host)
+    for up to 12 bytes per parameter of GPU memory: the lever left when the weights, gradients
+    and optimizer state alone nearly fill a GPU (Qwen2.5-7B on one 141 GB GPU).
+
+    Megatron's own HybridDeviceOptimizer does this too, but in megatron-core 0.16.1 it needs
+    Transformer Engine (its precision-aware optimizer), which this project does without. Here
+    the inner torch AdamW does it: it groups its tensors by device, so CPU and GPU parameters
+    step side by side once each CPU parameter's gradient is on the CPU, which a step pre-hook
+    arranges after Megatron has computed the gradient norm and clipped on the GPU. Megatron then
+    copies the updated fp32 master weights into the GPU's bf16 weights as always."""
+    if not fraction:
+        return
+    inners = list(_torch_optimizers(optimizer))
+    params = sorted((p for inner in inners for g in inner.param_groups for p in g["params"]), key=lambda p: -p.numel())
+    budget, taken = fraction * sum(p.numel() for p in params), 0
+    for p in params:
+        if taken >= budget:
+            break
+        p.data = p.data.to("cpu").pin_memory()
+        p._stays_on_cpu = True
+        taken += p.numel()
+
+    def grads_to_cpu(opt, _args, _kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if getattr(p, "_stays_on_cpu", False) and p.grad is not None and p.grad.is_cuda:
+                    p.grad = p.grad.to("cpu")
+    for inner in inners:
+        inner.register_step_pre_hook(grads_to_cpu)
+
+
+def apply_weight_decay_multipliers(optimizer, weight_decay):
+    """Norm weights and biases are not decayed: get_megatron_optimizer puts them in param groups
+    with wd_mult 0, but only Megatron-LM's OptimizerParamScheduler ever multiplies it in; we run
+    without one, so without this every group would decay by the full weight_decay — pulling
+    RMSNorm gains toward 0 and the qkv biases with them."""
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+
 def token_logprobs(logits, targets, temperature):
-    """log pi(target) per position, for any TP: logits are vocab-sharded [b, s, V/tp] and
+    """log pi(target) per position, for any TP: logits are vocab-sharded [..., V/tp] and
     vocab_parallel_cross_entropy does the softmax across the shards. Temperature divides the
     logits exactly as vLLM's sampler does, so the two sides measure the same distribution.
-    logits [b, s, V/tp], targets [b, s] -> [b, s]"""
+    logits [..., V/tp], targets [...] -> [...]"""
     from megatron.core import tensor_parallel
     # The cross entropy upcasts a bf16 input itself and then works in place on that fp32 copy, so
-    # at T = 1 bf16 logits go in as they are: one fp32 [b, s, V] copy less (5 GiB per 8192-token
-    # micro batch of Qwen2.5's vocabulary). fp32 logits must be copied, or the in-place work would
-    # overwrite the model's output.
+    # at T = 1 bf16 logits go in as they are: one fp32 copy of the logits less. fp32 logits must
+    # be copied, or the in-place work would overwrite the model's output.
     if temperature != 1.0 or logits.dtype == torch.float32:
         logits = logits.float() / temperature
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
 
-def _run_micro_batches(model, mbs, loss_fn, forward_only):
-    """Megatron's pipeline schedule over our micro batches; returns the loss_fn results (last stage)."""
+def vocab_parallel_entropy(logits):
+    """Entropy of softmax(logits) per position, the vocabulary sharded over TP (no gradient):
+
+        H = log Z - sum_v p_v z_v,   log Z = m + log sum_v exp(z_v - m)
+
+    Three sums over the shards (max, sum of exp, sum of p*z) make it exact for any TP.
+    logits [..., V/tp] -> [...]"""
+    from megatron.core import parallel_state as ps
+    group = ps.get_tensor_model_parallel_group()
+    z = logits.float()
+    m = z.max(dim=-1, keepdim=True).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m)
+    sums = torch.stack([e.sum(dim=-1), (e * z).sum(dim=-1)])
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=group)
+    return m.squeeze(-1) + sums[0].log() - sums[1] / sums[0]
+
+
+def forward_hidden(model, tokens, position_ids):
+    """GPTModel's forward up to, not including, its output layer: the final-normed hidden states
+    [b, s, h] (on the last pipeline stage; other stages return what they send on).
+
+    GPTModel would multiply them by the [V/tp, h] output matrix at once: for a micro batch of
+    8192 tokens and Qwen's 151936-token vocabulary that is 2.5 GB of bf16 logits, plus the
+    cross entropy's fp32 copy and the same again for their gradient. `chunked_logprobs` does the
+    projection a chunk of tokens at a time instead. For this one call the output layer hands its
+    input back unchanged (an instance attribute shadows the class's forward)."""
+    gpt = _gpt(model)
+    head = gpt.output_layer if gpt.post_process else None
+    if head is not None:
+        head.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+    try:
+        return model(tokens, position_ids, None)
+    finally:
+        if head is not None:
+            del head.forward
+
+
+def _gpt(model):
+    """The GPTModel inside Megatron's DDP wrapper (the reference model has none)."""
+    return getattr(model, "module", model)
+
+
+def chunked_logprobs(model, hidden, targets, temperature, chunk_tokens, entropy_out=None):
+    """log pi(target) per position from the final hidden states, `chunk_tokens` tokens at a time.
+
+    Each chunk runs the output layer and the cross entropy under activation checkpointing, so
+    only one chunk's logits exist at a time in the forward, and the backward recomputes them one
+    chunk at a time: the [tokens, vocabulary] logits are never whole. The price is one more
+    output-layer matmul per token in the backward. chunk_tokens 0: one chunk.
+    With `entropy_out` (a list), the policy's entropy per position is appended (no gradient).
+    hidden [b, s, h], targets [b, s] -> [b, s]
+    """
+    from torch.utils.checkpoint import checkpoint
+    gpt = _gpt(model)
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    b, s, h = hidden.shape
+    flat_h = hidden.reshape(b * s, 1, h)              # the output layer reads [tokens, batch, h]
+    flat_t = targets.reshape(b * s, 1)
+    chunk = chunk_tokens or b * s
+
+    def head_logprobs(hc, tc):
+        logits, _ = gpt.output_layer(hc, weight=weight)  # [c, 1, V/tp]
+        if entropy_out is not None and not _recomputing[0]:
+            with torch.no_grad():
+                entropy_out.append(vocab_parallel_entropy(logits.detach() / temperature).reshape(-1))
+        return token_logprobs(logits, tc, temperature)
+
+    out = []
+    for i in range(0, b * s, chunk):
+        hc, tc = flat_h[i:i + chunk], flat_t[i:i + chunk]
+        if torch.is_grad_enabled() and chunk < b * s:
+            out.append(checkpoint(_once(head_logprobs), hc, tc, use_reentrant=False))
+        else:
+            out.append(head_logprobs(hc, tc))
+    logp = torch.cat(out).reshape(b, s)
+    if entropy_out is not None and entropy_out:
+        entropy_out[:] = [torch.cat(entropy_out).reshape(b, s)]
+    return logp
+
+
+_recomputing = [False]
+
+
+def _once(fn):
+    """fn for torch.utils.checkpoint, flagging its second call (the recompute in the backward) so
+    that side work done in the forward, such as the entropy, is not done twice."""
+    calls = [0]
+
+    def wrapped(*a):
+        calls[0] += 1
+        _recomputing[0] = calls[0] > 1
+        try:
+            return fn(*a)
+        finally:
+            _recomputing[0] = False
+    return wrapped
+
+
+def _run_micro_batches(model, mbs, loss_fn, forward_only, args, entropy=False):
+    """Megatron's pipeline schedule over our micro batches; returns the loss_fn results (last
+    stage). On the last stage the schedule's "output tensor" is the per-token log-prob [b, s]
+    (and the entropy, when asked): loss_fn(logp, ent, mb) turns it into the loss."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     device = next(model.parameters()).device
+    last = _gpt(model).post_process
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         tokens = mb["tokens"]
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        logits = model(tokens, position_ids, None)             # [b, s, V/tp] on the last stage
-        return logits, lambda out: loss_fn(out, mb)
+        out = forward_hidden(model, tokens, position_ids)   # [b, s, h] on the last stage
+        if not last:
+            return out, None
+        ent = [] if entropy else None
+        logp = chunked_logprobs(model, out, mb["targets"], args.temperature, args.logits_chunk_tokens, ent)
+        return logp, lambda lp: loss_fn(lp, ent[0] if ent else None, mb)
     L = max(mb["tokens"].shape[1] for mb in mbs)
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),
@@ -294,12 +590,11 @@ def compute_logprobs(model, batch, args):
     out = torch.zeros(B, Lmax)
     mbs = micro_batches(batch, args.micro_batch_tokens)
 
-    def loss_fn(logits, mb):
-        logp = token_logprobs(logits, mb["targets"], args.temperature)
+    def loss_fn(logp, _ent, mb):
         return logp.sum() * 0, torch.tensor(1, dtype=torch.int, device=logp.device), {"logp": logp.detach()}
     model.eval()
     with torch.no_grad():
-        res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, forward_only=True)
+        res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, True, args)
     model.train()
     if ps.is_pipeline_last_stage():
         for (rows, mb), r in zip(mbs, res):
@@ -307,38 +602,48 @@ def compute_logprobs(model, batch, args):
     return out
 
 
-def train_on_batch(model, optimizer, batch, args):
-    """One optimizer step over the whole rollout batch (micro batches accumulate gradients).
-    Returns stats (token sums over this DP rank's batch; reduced over DP by the caller).
+def norm_len(args):
+    """Dr. GRPO's constant normaliser: the response budget of a prompt of the longest allowed length."""
+    return args.max_len - (args.toy_prompt_len if args.toy_token is not None else args.max_prompt_len)
 
-    Old log-probs: PPO's ratio compares the policy being updated with the one that sampled. We
-    take one optimizer step per rollout batch, so before that step the two are the same weights,
-    and the "old" log-probs are exactly the log-probs this forward computes: `logp.detach()`.
-    The ratio is then 1 in value and its gradient is grad(logp), the policy gradient; a separate
-    forward would recompute the same numbers (up to kernel noise) and cost 11 s next to the 19 s
-    update (0.5B benchmark).
-    With --old-logp-pass (batch["old_logp"] set) the classic separate pass is used instead, which
-    is what a loop of several optimizer steps per batch would need.
-    The same forward measures how far vLLM's log-probs of the sampled tokens are from Megatron's
-    (`logp_diff`, over the `logp_diff_tokens` of the rows that carry vLLM log-probs): a stale or
-    wrong weight sync shows up there."""
+
+def update_step(model, optimizer, batch, args):
+    """One optimizer step over `batch` (micro batches accumulate gradients). Returns stats
+    (sums over this DP rank's rows; reduced over DP by the caller).
+
+    Old log-probs: PPO's ratio compares the policy being updated with the one that sampled. With
+    one optimizer step per rollout batch (the default) the two are the same weights before that
+    step, so the "old" log-probs are exactly the log-probs this forward computes:
+    `logp.detach()`. The ratio is then 1 in value and its gradient is grad(logp), the policy
+    gradient; a separate forward would recompute the same numbers (up to kernel noise) at the
+    cost of a whole extra pass. With several steps per batch (or --old-logp-pass), batch["old_logp"]
+    comes from a forward before the first step.
+    The old log-probs are also compared with vLLM's log-probs of the same sampled tokens
+    (`logp_diff`): a stale or wrong weight sync, or two different models, show up there."""
     from megatron.core import parallel_state as ps
     mbs = micro_batches(batch, args.micro_batch_tokens)
     model.zero_grad_buffer()
     optimizer.zero_grad()
     use_ref, use_old = "ref_logp" in batch, "old_logp" in batch
 
-    def loss_fn(logits, mb):
-        logp = token_logprobs(logits, mb["targets"], args.temperature)
+    def loss_fn(logp, ent, mb):
         old = mb["old_logp"] if use_old else logp.detach()
-        loss_sum, n, stats = policy_loss(logp, old, mb["advantages"], mb["mask"],
-                                         args.clip_ratio, args.kl_coef, mb["ref_logp"] if use_ref else None)
+        weights, normaliser = loss_weights(mb["mask"], args.loss_agg, norm_len(args))
+        is_w = tis_weights(old, mb["rollout_logp"], args.tis_cap) if args.tis_cap else None
+        loss_sum, stats = policy_loss(logp, old, mb["advantages"], weights, args.clip_ratio_low, args.clip_ratio_high,
+                                      args.kl_coef, mb["ref_logp"] if use_ref else None, is_w)
+        # old is the policy that sampled, as Megatron computes it: compared with vLLM's numbers
         checked = mb["mask"] * mb["has_rollout_logp"].unsqueeze(1)
-        stats["logp_diff"] = masked_sum((logp.detach() - mb["rollout_logp"]).abs(), checked)
+        stats["logp_diff"] = masked_sum((old - mb["rollout_logp"]).abs(), checked)
         stats["logp_diff_tokens"] = checked.sum()
-        return loss_sum, n.int(), {k: v.detach() for k, v in dict(stats, loss=loss_sum, tokens=n).items()}
-    res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
+        if is_w is not None:
+            stats["tis_weight"] = masked_sum(is_w, (weights > 0).float())
+        if ent is not None:
+            stats["entropy"] = masked_sum(ent, (weights > 0).float())
+        stats = {k: v.detach() for k, v in dict(stats, loss=loss_sum.detach(), normaliser=normaliser).items()}
+        return loss_sum, normaliser, stats
+    res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, False, args, entropy=True)
+    ok, grad_norm = optimizer_step(model, optimizer, args)
     stats = {}
     if ps.is_pipeline_last_stage():
         for r in res:
@@ -347,6 +652,33 @@ def train_on_batch(model, optimizer, batch, args):
     stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     stats["update_skipped"] = float(not ok)
     return stats
+
+
+def optimizer_step(model, optimizer, args):
+    """optimizer.step(), with the optimizer state brought back from host memory just for it: the
+    forward/backward's activations are freed by now, so activations and the 12 bytes per
+    parameter of Adam state never sit on the GPU together."""
+    restore_optimizer(optimizer)
+    ok, grad_norm, _ = optimizer.step()
+    return ok, grad_norm
+
+
+def train_on_batch(model, optimizer, batch, args, rng):
+    """--epochs passes over the batch, each cut into --mini-batches shuffled mini-batches, one
+    optimizer step per mini-batch (the GRPO paper's mu iterations; TRL's num_iterations, verl's
+    ppo_epochs and ppo_mini_batch_size). Stats are summed over all steps; grad_norm is the mean."""
+    total, norms, skipped = {}, [], 0.0
+    for _ in range(args.epochs):
+        for rows in mini_batch_rows(batch["tokens"].shape[0], args.mini_batches, rng):
+            s = update_step(model, optimizer, select_rows(batch, rows), args)
+            norms.append(s.pop("grad_norm"))
+            skipped += s.pop("update_skipped")
+            for k, v in s.items():
+                total[k] = total.get(k, 0.0) + v
+    total["grad_norm"] = sum(norms) / len(norms)
+    total["update_skipped"] = skipped
+    total["optimizer_steps"] = float(len(norms))
+    return total
 
 
 def _torch_optimizers(optimizer):
@@ -370,9 +702,10 @@ def offload_trainer(model, optimizer):
     """Grads freed, optimizer state to CPU; the bf16 params stay (vLLM's weights come from them).
 
     Megatron-Core's own optimizer.offload_to_cpu() copies each tensor into fresh pageable
-    memory, every step: about 3 GB/s plus page faults. Here every tensor gets one pinned
-    host buffer, allocated once and reused, which PCIe fills at full speed; the tensor objects
-    stay the same (only .data moves), so the optimizer never notices."""
+    memory, every step. Here every tensor gets one pinned host buffer, allocated once and
+    reused, which PCIe fills at full speed; the tensor objects stay the same (only .data
+    moves), so the optimizer never notices."""
+    optimizer.zero_grad()                        # the fp32 gradient copies of bf16 grad buffers
     model.offload_grad_buffers()                 # grads are recomputed: free, do not copy
     moved = []
     for t in _optimizer_tensors(optimizer):
@@ -388,15 +721,39 @@ def offload_trainer(model, optimizer):
     torch.cuda.empty_cache()                     # hand the freed pages to vLLM's wake-up
 
 
-def restore_trainer(model, optimizer):
-    for t in _optimizer_tensors(optimizer):
-        if not t.is_cuda and getattr(t, "_pinned_cpu", None) is not None:
-            t.data = t.data.to("cuda", non_blocking=True)
+def restore_grads(model):
     model.restore_grad_buffers()                 # reallocates, zeroes and synchronizes
 
 
+def restore_optimizer(optimizer):
+    for t in _optimizer_tensors(optimizer):
+        if not t.is_cuda and getattr(t, "_pinned_cpu", None) is not None:
+            t.data = t.data.to("cuda", non_blocking=True)
+
+
+def park_reference(ref):
+    """Move the frozen reference model to pinned host memory between its uses (it is needed once
+    every --kl-log-interval steps, or once per step with --kl-coef > 0, and would otherwise hold
+    2 bytes per parameter of GPU memory through every rollout)."""
+    for p in ref.parameters():
+        if p.is_cuda:
+            buf = getattr(p, "_pinned_cpu", None)
+            if buf is None:
+                buf = p._pinned_cpu = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            buf.copy_(p.data, non_blocking=True)
+    torch.cuda.synchronize()
+    for p in ref.parameters():
+        p.data = p._pinned_cpu
+
+
+def fetch_reference(ref):
+    for p in ref.parameters():
+        if not p.is_cuda:
+            p.data = p.data.to("cuda", non_blocking=True)
+
+
 # ==============================================================================================
-# Checkpoints: resume where a killed run stopped
+# Checkpoints and the run's files: resume where a killed run stopped, never mix two runs
 # ==============================================================================================
 def complete_checkpoints(root):
     """[(step, path)] of the finished checkpoints under root, oldest first. A save is written to
@@ -412,6 +769,56 @@ def complete_checkpoints(root):
     return sorted(out)
 
 
+def checkpoints_to_prune(checkpoints, keep_last):
+    """The paths to delete after a save: all but the newest `keep_last` complete checkpoints.
+    checkpoints: [(step, path)] oldest first, as complete_checkpoints returns them."""
+    return [path for _, path in checkpoints[:-keep_last]]
+
+
+def check_out_dir(out, resume):
+    """UserError when starting here would mix two runs or overwrite a finished one.
+
+    A fresh start (nothing to resume, or --no-resume) in a folder that holds another run's
+    checkpoints would interleave the two: the keep-last pruning ranks checkpoints by step, so
+    the old run's later steps would delete the new run's saves, and a plain rerun would resume
+    the old run. A finished run (final/) without checkpoints would be silently overwritten."""
+    found = complete_checkpoints(os.path.join(out, "checkpoints"))
+    if found and not resume:
+        raise UserError(f"--no-resume, but {os.path.join(out, 'checkpoints')} holds another run (up to step "
+                        f"{found[-1][0]}); choose a new --out or move that folder aside")
+    if not found and os.path.isdir(os.path.join(out, "final")):
+        raise UserError(f"{out} holds a finished run (final/) and no checkpoint to resume; choose a new --out "
+                        "or move it aside")
+
+
+def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
+    """Model + optimizer (dist_checkpointing, any TP/PP can load the model), and the loop's state
+    (data position, the step's metrics line so far); then drop all but the newest `keep_last`.
+
+    No RNG state is saved: every step's sampling is seeded from (--seed, step, engine) by
+    `rollout_seed`, so a resumed run draws the same samples without one."""
+    import shutil
+    from megatron.core import dist_checkpointing
+    path = os.path.join(root, f"step_{step:06d}")
+    tmp = path + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_train_state_dict(model, optimizer), tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:   # written last: marks it complete
+            json.dump(dict(train_state, step=step), f)
+        os.replace(tmp, path)
+        for old in checkpoints_to_prune(complete_checkpoints(root), keep_last):
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
 def _train_state_dict(model, optimizer, is_loading=False):
     # the unwrapped GPTModel's keys: the same as convert.py's, so convert.py exports either.
     # The distributed optimizer's default format in megatron-core 0.16 ("fully_sharded_model_space")
@@ -422,38 +829,9 @@ def _train_state_dict(model, optimizer, is_loading=False):
     return {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=is_loading, metadata=meta)}
 
 
-def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
-    """Model + optimizer (dist_checkpointing, any TP/PP can load it), the loop's position and
-    every rank's RNG states; then drop all but the newest `keep_last` checkpoints."""
-    import shutil
-    from megatron.core import dist_checkpointing, tensor_parallel
-    path = os.path.join(root, f"step_{step:06d}")
-    tmp = path + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    dist_checkpointing.save(_train_state_dict(model, optimizer), tmp)
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()},
-               os.path.join(tmp, f"rng_{dist.get_rank():05d}.pt"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:   # written last: marks it complete
-            json.dump(dict(train_state, step=step), f)
-        os.replace(tmp, path)
-        for _, old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return path
-
-
 def load_checkpoint(path, model, optimizer):
-    """Restore what save_checkpoint wrote; returns the train state (step, data position)."""
-    from megatron.core import dist_checkpointing, tensor_parallel
+    """Restore what save_checkpoint wrote; returns the train state (step, data position, ...)."""
+    from megatron.core import dist_checkpointing
     # megatron-core 0.16.1 without apex/TE reads Adam's "step" from every parameter's state while
     # it plans the load, and a fresh optimizer has no state yet (AssertionError in state_dict()).
     # Zero state of the right shapes makes the plan; the load then overwrites all of it.
@@ -475,25 +853,38 @@ def load_checkpoint(path, model, optimizer):
             for st in inner.state.values():
                 if "step" in st:
                     st["step"] = torch.tensor(step)
-    rng_file = os.path.join(path, f"rng_{dist.get_rank():05d}.pt")
-    if os.path.isfile(rng_file):    # absent when resuming with another number of ranks
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(rng["megatron"])
+    # load_state_dict restored the saved param groups, weight decay included: re-apply ours.
+    apply_weight_decay_multipliers(optimizer, optimizer.config.weight_decay)
     with open(os.path.join(path, "train_state.json")) as f:
         return json.load(f)
 
 
-def keep_metrics_up_to(path, step):
-    """On resume, forget logged steps after the checkpoint: they are about to be redone."""
+def restore_metrics(path, resume_step, saved_line=None):
+    """Make metrics.jsonl hold exactly the steps 1..resume_step, on every start.
+
+    Lines after the resume point are about to be redone (a run killed before its first
+    checkpoint restarts from step 0, so all of them); a torn last line (killed mid-write) is
+    dropped. The checkpoint carries its step's metrics as known when it was saved: the line is
+    written after the weight sync and the evaluation, and a run killed in between would lose it,
+    so it is put back from there (without the fields measured after the save). Rewritten
+    through a temp file and a rename: a crash here never leaves half a file."""
+    rows = []
     if os.path.isfile(path):
         with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and resume_step > 0 and row.get("step", -1) <= resume_step:
+                    rows.append(row)
+    if saved_line is not None and not any(r["step"] == resume_step for r in rows):
+        rows.append(saved_line)
+    rows.sort(key=lambda r: r["step"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
 
 
 def start_wandb(args, cfg, resume_step):
@@ -510,28 +901,46 @@ def start_wandb(args, cfg, resume_step):
     run_id = open(id_file).read().strip() if resume_step and os.path.isfile(id_file) else None
     kwargs = dict(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
                   config=dict(vars(args), model=cfg), dir=args.out)
-    modes = ["online", "offline"] if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline" else ["offline"]
-    for mode in modes:
+    online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline"
+    for mode in (["online", "offline"] if online else ["offline"]):
         try:
-            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
+            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
             with open(id_file, "w") as f:
                 f.write(run.id)
             print(f"wandb: {mode} run {run.id} in project {args.wandb_project}", flush=True)
             return run
         except Exception as e:
-            print(f"warning: wandb {mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", flush=True)
+            print(f"warning: wandb {mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                  flush=True)
     return None
 
 
 # ==============================================================================================
 # vLLM: the colocated engine
 # ==============================================================================================
+# vLLM samples top-k / top-p requests (our evaluation: T 0.6, top-p 0.95, top-k 20) with
+# FlashInfer's kernels, which this vLLM build compiles with nvcc on their first use: the first
+# evaluation took 85-114 s for 7 prompts. vLLM's own top-k / top-p (Triton, compiled during its
+# warm-up) gives the same distribution. Training rollouts (top-p 1, top-k -1) use neither.
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def cudagraph_sizes(max_num_seqs):
+    """The decode batch sizes vLLM captures CUDA graphs for. vLLM's default list for up to 1024
+    sequences has 83 sizes, each captured twice (piecewise and full graphs): that capture is most
+    of an engine's start-up. Powers of two, then steps of 128, pad a batch by at most 128
+    sequences; a rollout keeps its batch full for most of its steps anyway."""
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s < max_num_seqs]
+    sizes += list(range(256, max_num_seqs, 128)) + [max_num_seqs]
+    return sorted(set(sizes))
+
+
 def create_engine(args, cfg, gpu_memory_utilization):
     """One vLLM engine per rank, sharing torchrun's process group (external_launcher).
 
     load_format="dummy": vLLM allocates random weights and never reads the checkpoint; the first
     weight sync fills them from Megatron, so both engines provably run the same weights.
-    Each data-parallel group gets its own seed, or all groups would sample the same texts.
+    Each data-parallel group gets its own seed (see rollout_seed for the seeds that count).
     """
     from vllm import LLM
     return LLM(
@@ -541,24 +950,46 @@ def create_engine(args, cfg, gpu_memory_utilization):
         seed=args.seed + dist.get_rank() // args.tp, enable_prefix_caching=True,
         # log-probs after temperature, comparable with the trainer's logits / T
         logprobs_mode="processed_logprobs", max_num_seqs=args.max_num_seqs,
+        # the benchmark reads vLLM's counters (preemptions); a training run skips their cost
+        disable_log_stats=not args.benchmark,
         # With TP > 1 vLLM fuses all-reduce + RMSNorm through FlashInfer's MNNVL all-reduce, and
         # its custom all-reduce maps peer memory over CUDA IPC. Both need NVLink features that
         # shared hosts often switch off (seen: CUBLAS_STATUS_INTERNAL_ERROR, then an illegal
         # memory access, at engine start on 2 x H200). NCCL alone is enough for rollouts.
         disable_custom_all_reduce=True,
-        # vLLM captures CUDA graphs for decode batches up to min(2 * max_num_seqs, 512) sequences
-        # by default; a rollout keeps all max_num_seqs sequences decoding together, and batches
-        # above the largest graph run without one. Capture up to the batch we actually run.
         compilation_config={"pass_config": {"fuse_allreduce_rms": False},
-                            "max_cudagraph_capture_size": max(512, args.max_num_seqs)})
+                            "cudagraph_capture_sizes": cudagraph_sizes(args.max_num_seqs),
+                            "max_cudagraph_capture_size": args.max_num_seqs})
 
 
-def out_of_memory_hint(e, where):
-    """A UserError naming the fix if `e` is a GPU out-of-memory failure, else None."""
+# The knobs that lower each phase's GPU memory, for the one-line out-of-memory hint.
+MEMORY_KNOBS = {
+    "start vLLM": "lower --gpu-memory-utilization or --max-num-seqs, or use a larger --tp",
+    "rollout": "lower --max-num-seqs or --max-len",
+    "wake vLLM": "lower --gpu-memory-utilization; add --optimizer-cpu-offload",
+    "reference log-probs": "lower --micro-batch-tokens or --logits-chunk-tokens",
+    "old log-probs": "lower --micro-batch-tokens or --logits-chunk-tokens",
+    "update": "lower --micro-batch-tokens or --logits-chunk-tokens, add --recompute full, "
+              "--grad-reduce-dtype bf16 or --optimizer-cpu-offload, or use a larger --tp / --pp",
+    "evaluation": "lower --eval-prompts or --max-num-seqs",
+}
+_PHASE = ["start"]
+
+
+def enter_phase(args, step, phase):
+    """Name the phase this rank is in: for --trace (every rank prints it, to find the collective
+    a hang waits in) and for the out-of-memory hint."""
+    _PHASE[0] = phase
+    if args.trace:
+        print(f"[rank {dist.get_rank()}] step {step}: {phase}", flush=True)
+
+
+def out_of_memory_hint(e, phase):
+    """A UserError naming the phase and its knobs if `e` is a GPU out-of-memory failure, else None."""
     text = f"{type(e).__name__}: {e}"
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "less than desired GPU memory" in text:
-        return UserError(f"GPU out of memory {where}; lower --gpu-memory-utilization, --max-num-seqs or "
-                         f"--micro-batch-tokens, or use a larger --tp ({text.splitlines()[0][:160]})")
+        knobs = MEMORY_KNOBS.get(phase, "see the memory plan printed at start")
+        return UserError(f"GPU out of memory in phase '{phase}'; {knobs} ({text.splitlines()[0][:160]})")
     return None
 
 
@@ -581,6 +1012,8 @@ def generate(llm, prompts, sampling_params):
     -> per prompt, the list of its n samples (response token ids, per-token logprobs or None,
     finish reason)."""
     from vllm.inputs import TokensPrompt
+    if not prompts:
+        return []
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling_params, use_tqdm=False)
     result = []
     for o in outs:
@@ -590,6 +1023,14 @@ def generate(llm, prompts, sampling_params):
             samples.append((list(c.token_ids), lps, c.finish_reason))
         result.append(samples)
     return result
+
+
+def vllm_counter(llm, name):
+    """A cumulative vLLM counter (e.g. "vllm:num_preemptions"), or None without log stats."""
+    try:
+        return sum(m.value for m in llm.get_metrics() if m.name == name)
+    except Exception:
+        return None
 
 
 # ==============================================================================================
@@ -628,6 +1069,208 @@ def tokenize(tokenizer, rows, max_prompt_len):
     return out, dropped
 
 
+def rollout_layout(prompts_per_step, world, tp, pp):
+    """(engines, data-parallel size): one vLLM engine per TP group (so PP stages roll out as
+    extra engines), Megatron's data parallelism over TP x PP. UserError when the step's prompts
+    do not divide over the data-parallel ranks: a prompt without a rank to train on would be
+    rolled out, scored and counted in the reward, and never trained on."""
+    engines, dp = world // tp, world // (tp * pp)
+    if prompts_per_step % dp:
+        raise UserError(f"--prompts-per-step {prompts_per_step} does not divide over {dp} data-parallel ranks "
+                        f"(world {world} / TP {tp} / PP {pp}): use a multiple of {dp}")
+    return engines, dp
+
+
+# ==============================================================================================
+# The memory plan: what each phase holds on a GPU, added up before anything is allocated
+# ==============================================================================================
+# Bytes per token and layer that the local spec's layer keeps for its backward (bf16): counted
+# with torch.autograd.graph.saved_tensors_hooks on megatron-core 0.16.1's layer for all seven
+# Qwen2.5 shapes, and fitted by  30 h + 10 ffn + 8 kv  within 0.5% (h: hidden, kv: key/value
+# width = kv heads x head dim). The MLP dominates: its [2 ffn] input of the SwiGLU is kept
+# whole, and so are the SwiGLU's halves and product.
+ACT_BYTES = {"hidden": 30, "ffn": 10, "kv": 8}
+# What the trainer's side holds besides tensors we count: the CUDA context, NCCL's buffers,
+# vLLM's CUDA graphs (they stay while the engine sleeps) and the allocator's slack. Calibrated on
+# the measured peaks in the README's memory table.
+OVERHEAD_GIB = 3.0
+# vLLM keeps this much free beside its share when we size it (see run(): free minus 4 GiB).
+VLLM_RESERVE_GIB = 4.0
+GIB = 2**30
+
+
+def params_per_rank(cfg, tp, pp):
+    """Parameters held by the most loaded rank (TP shards matrices and the vocabulary; PP gives
+    each stage its layers, the first the embedding, the last the output layer, which with tied
+    embeddings is a second copy of the embedding there)."""
+    h, f, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * convert.head_dim(cfg)
+    layer = (h * qkv + qkv + h * cfg["num_attention_heads"] * convert.head_dim(cfg) + 3 * h * f) / tp + 2 * h
+    layers = cfg["num_hidden_layers"] // pp * layer
+    embedding = V * h / tp
+    if pp == 1:
+        return layers + embedding * (1 if cfg["tie_word_embeddings"] else 2) + h
+    return layers + max(embedding, embedding + h)            # first stage: embedding; last: output layer
+
+
+def memory_plan(cfg, tp, pp, dp, s):
+    """Per-GPU bytes of each part, for the settings `s` (a namespace with micro_batch_tokens,
+    logits_chunk_tokens, recompute, grad_reduce_dtype, optimizer_cpu_offload, ref (bool: a
+    reference model exists), ref_on_gpu, sleep_level, max_len, max_num_seqs, distributed_optimizer,
+    gpus_per_node), and the peaks of the two phases that matter:
+
+      train peak   = params + grads + resident reference + overhead
+                     + max(activations + logits,  optimizer state)
+      rollout      = params + resident reference + overhead + vLLM's share (weights, KV cache)
+
+    max(): the optimizer state comes back from host memory only for optimizer.step(), when the
+    activations are gone (optimizer_step). vLLM is given what is left, minus a reserve, so the
+    rollout always fits; what the plan checks there is that its KV cache holds at least one
+    full-length sequence, and how many run at once.
+    """
+    P = params_per_rank(cfg, tp, pp)
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * convert.head_dim(cfg)
+    layers = cfg["num_hidden_layers"] // pp
+    T = s.micro_batch_tokens
+    per_token_layer = (ACT_BYTES["hidden"] * h + ACT_BYTES["ffn"] * f + ACT_BYTES["kv"] * kv) / tp
+    in_flight = pp                      # 1F1B: the first stage holds up to pp micro batches
+    if s.recompute == "full":           # each layer's input (bf16), plus one layer redone at a time
+        activations = in_flight * T * layers * 2 * h + T * per_token_layer
+    else:
+        activations = in_flight * T * layers * per_token_layer
+    chunk = min(s.logits_chunk_tokens or T, T)
+    # bf16 logits, the cross entropy's fp32 copy, its fp32 gradient and the bf16 one: 12 bytes
+    logits = 12 * chunk * cfg["vocab_size"] / tp
+    shard = 1 / dp if s.distributed_optimizer else 1.0
+    offload = s.optimizer_cpu_offload or 0.0
+    parts = {
+        "params": 2 * P,
+        "grads": (4 if s.grad_reduce_dtype == "fp32" else 2) * P,
+        # fp32 master weights + 2 Adam moments; with bf16 grads the step also makes an fp32 copy
+        # of this rank's gradient shard (megatron's DistributedOptimizer, before the CPU share leaves)
+        "optimizer": 12 * P * shard * (1 - offload) + (4 * P * shard if s.grad_reduce_dtype == "bf16" else 0),
+        "reference": 2 * P if s.ref and s.ref_on_gpu else 0.0,
+        "activations": activations,
+        "logits": logits,
+        "overhead": OVERHEAD_GIB * GIB,
+    }
+    base = parts["params"] + parts["grads"] + parts["reference"] + parts["overhead"]
+    train_peak = base + max(activations + logits, parts["optimizer"])
+    if s.ref and not s.ref_on_gpu:      # the reference visits for its forward (optimizer state away)
+        train_peak = max(train_peak, base + 2 * P + activations / layers + logits)
+    gpu = s.gpu_bytes
+    vllm_share = gpu - VLLM_RESERVE_GIB * GIB - parts["params"] - parts["reference"] - parts["overhead"]
+    vllm_weights = 2 * params_per_rank(cfg, tp, 1)             # vLLM holds the whole model per TP group
+    sampler = s.max_num_seqs * cfg["vocab_size"] * 4          # vLLM's per-sequence token counts
+    kv_cache = vllm_share - vllm_weights - sampler - 1.0 * GIB   # ~1 GiB of vLLM's own activations
+    kv_per_token = 2 * cfg["num_hidden_layers"] * kv * 2 / tp
+    # host memory per node: pinned optimizer state and parked reference of every rank on it, vLLM's
+    # weights when sleep level 1 copies them out
+    host = s.gpus_per_node * (12 * P * shard + (2 * P if s.ref and not s.ref_on_gpu else 0)
+                              + (vllm_weights if s.sleep_level == 1 else 0))
+    return {"parts": parts, "train_peak": train_peak, "rollout_peak": gpu - VLLM_RESERVE_GIB * GIB,
+            "kv_cache": kv_cache, "kv_tokens": max(0.0, kv_cache / kv_per_token),
+            "concurrent_seqs": max(0.0, kv_cache / kv_per_token / s.max_len), "host": host, "gpu": gpu}
+
+
+def plan_fits(plan, host_bytes, max_len):
+    """Why a plan does not fit (a short phrase), or None: the update must leave 10% of the GPU
+    free, the KV cache must hold one full-length sequence, the host its share of the state."""
+    if plan["train_peak"] > 0.9 * plan["gpu"]:
+        return f"the update needs {plan['train_peak'] / GIB:.1f} of {plan['gpu'] / GIB:.1f} GiB"
+    if plan["kv_tokens"] < max_len:
+        return f"vLLM's KV cache would hold {plan['kv_tokens']:.0f} tokens, less than one {max_len}-token sequence"
+    if host_bytes and plan["host"] > 0.9 * host_bytes:
+        return f"host memory would hold {plan['host'] / GIB:.0f} of {host_bytes / GIB:.0f} GiB"
+    return None
+
+
+def plan_and_pick_defaults(args, cfg, dp, gpu_bytes, host_bytes=None, suggest=True):
+    """Fill the memory flags the user left unset with the fastest settings that fit, by
+    memory_plan; UserError naming a change that fits when none does. Preference, fastest first:
+    no recompute, fp32 gradients, no CPU optimizer, big micro batches; then each lever in turn
+    (bf16 gradients and recompute before the CPU optimizer, which costs most)."""
+    import itertools
+    import types
+    gpu_bytes = args.gpu_gib * GIB if args.gpu_gib else gpu_bytes
+    if args.host_gib:
+        host_bytes = args.host_gib * GIB
+    elif host_bytes is None:
+        host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    world = args.tp * args.pp * dp
+    fixed = {"micro_batch_tokens": args.micro_batch_tokens, "recompute": args.recompute,
+             "grad_reduce_dtype": args.grad_reduce_dtype, "optimizer_cpu_offload": args.optimizer_cpu_offload}
+    mbts = [t for t in (16384, 8192, 4096) if t >= args.max_len] or [args.max_len]
+    choices = itertools.product([0.0, 0.25, 0.5, 0.75, 1.0], ["fp32", "bf16"], ["none", "full"], mbts)
+    base = dict(logits_chunk_tokens=args.logits_chunk_tokens, ref=args.kl_coef > 0 or args.kl_log_interval > 0,
+                ref_on_gpu=args.ref_on_gpu, sleep_level=args.sleep_level, max_len=args.max_len,
+                max_num_seqs=args.max_num_seqs, distributed_optimizer=args.distributed_optimizer,
+                gpus_per_node=min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), gpu_bytes=gpu_bytes)
+    why = None
+    for offload, grads, recompute, mbt in choices:
+        s = dict(micro_batch_tokens=mbt, recompute=recompute, grad_reduce_dtype=grads, optimizer_cpu_offload=offload)
+        s.update({k: v for k, v in fixed.items() if v is not None})
+        plan = memory_plan(cfg, args.tp, args.pp, dp, types.SimpleNamespace(**base, **s))
+        plan["settings"] = s
+        why = plan_fits(plan, host_bytes, args.max_len)
+        if why is None:
+            for k, v in s.items():
+                setattr(args, k, v)
+            return plan
+    fix = suggest_layout(args, cfg, gpu_bytes, host_bytes) if suggest else ""
+    raise UserError(f"TP {args.tp} x PP {args.pp} does not fit with any memory setting ({why}, with "
+                    f"{' '.join(f'{k}={v}' for k, v in plan['settings'].items())}){': ' + fix if fix else ''}")
+
+
+def suggest_layout(args, cfg, gpu_bytes, host_bytes):
+    """The change to name when nothing fits: the smallest TP x PP that fits on these GPUs."""
+    import copy
+    for tp, pp in sorted(((t, p) for t in (1, 2, 4, 8) for p in (1, 2, 4, 8)), key=lambda x: (x[0] * x[1], x[1])):
+        if tp * pp <= args.tp * args.pp:
+            continue
+        try:
+            convert.check_parallel_sizes(cfg, tp, pp)
+        except UserError:
+            continue
+        a = copy.copy(args)
+        a.tp, a.pp = tp, pp
+        try:
+            plan_and_pick_defaults(a, cfg, 1, gpu_bytes, host_bytes, suggest=False)
+        except UserError:
+            continue
+        nodes = -(-tp * pp // 8)
+        return (f"use --tp {tp} --pp {pp} ({tp * pp} GPUs per model copy"
+                + (f", {nodes} nodes of 8" if nodes > 1 else "") + "), or GPUs with more memory")
+    return "use GPUs with more memory"
+
+
+def format_memory_plan(plan):
+    """The plan as printed at start."""
+    p, s = plan["parts"], plan["settings"]
+    lines = ["memory plan per GPU (GiB): " + "  ".join(f"{k} {v / GIB:.1f}" for k, v in p.items()),
+             f"  update peak {plan['train_peak'] / GIB:.1f} of {plan['gpu'] / GIB:.1f};  rollout: vLLM KV cache "
+             f"{plan['kv_cache'] / GIB:.1f} GiB = {plan['kv_tokens']:,.0f} tokens = {plan['concurrent_seqs']:.0f} "
+             f"full-length sequences at once;  host memory per node {plan['host'] / GIB:.1f}",
+             "  settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in s.items())]
+    return "\n".join(lines)
+
+
+def print_memory_plan(args):
+    """--memory-plan SIZE: the plan of a layout, on any machine (no GPU needed)."""
+    cfg = convert.qwen_config(args.memory_plan)
+    convert.check_parallel_sizes(cfg, args.tp, args.pp)
+    world = args.world_size or args.tp * args.pp
+    if world % (args.tp * args.pp):
+        raise UserError(f"--world-size {world} cannot be split into TP={args.tp} x PP={args.pp} groups")
+    if not args.gpu_gib:
+        raise UserError("--memory-plan needs --gpu-gib (the memory of one GPU)")
+    plan = plan_and_pick_defaults(args, cfg, world // (args.tp * args.pp), None, host_bytes=0)
+    print(f"Qwen2.5-{args.memory_plan}, TP {args.tp} x PP {args.pp} x DP {world // (args.tp * args.pp)}, "
+          f"{args.gpu_gib:g} GiB GPUs")
+    print(format_memory_plan(plan))
+
+
 # ==============================================================================================
 # Arguments
 # ==============================================================================================
@@ -643,73 +1286,117 @@ def parse_args(argv):
     g.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (0: only the final policy)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
     g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="start from --load even if OUT/checkpoints holds a checkpoint (default: resume from the newest)")
+                   help="start from --load; refused if OUT/checkpoints holds a run (default: resume from the newest)")
     g.add_argument("--wandb-project", default=None, help="log to this wandb project (run.sh sets it when enable_wandb=True)")
     g.add_argument("--wandb-name", default=None, help="wandb run name")
     g.add_argument("--model-size", default="custom", help="Qwen2.5 size to check the checkpoint against, or custom")
-    g = p.add_argument_group("GRPO (defaults follow the reference example)")
-    g.add_argument("--steps", type=int, default=100, help="optimizer steps (one per rollout batch)")
+    g = p.add_argument_group("GRPO (defaults follow the reference pipeline)")
+    g.add_argument("--steps", type=int, default=100, help="training steps (one rollout batch each)")
     g.add_argument("--prompts-per-step", type=int, default=64, help="prompts per rollout batch")
     g.add_argument("--n-samples-per-prompt", type=int, default=32, help="group size G of GRPO")
-    g.add_argument("--max-len", type=int, default=2048, help="prompt + response tokens at most")
+    g.add_argument("--max-len", type=int, default=2048,
+                   help="prompt + response tokens at most: each prompt may be answered with max-len minus its length")
     g.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are dropped (and counted)")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    g.add_argument("--clip-ratio", type=float, default=0.2, help="PPO clip epsilon")
+    g.add_argument("--clip-ratio", type=float, default=0.2,
+                   help="PPO clip epsilon, both sides (acts only with several optimizer steps per batch)")
+    g.add_argument("--clip-ratio-low", type=float, default=None, help="lower clip epsilon (default --clip-ratio)")
+    g.add_argument("--clip-ratio-high", type=float, default=None,
+                   help="upper clip epsilon (default --clip-ratio; DAPO's clip-higher: 0.28)")
+    g.add_argument("--mini-batches", type=int, default=1,
+                   help="optimizer steps per pass over a rollout batch (shuffled mini-batches)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch (the GRPO paper's mu)")
+    g.add_argument("--loss-agg", default="token-mean", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+                   help="how token losses become the batch loss (see loss_weights)")
     g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the initial policy in the loss")
     g.add_argument("--kl-log-interval", type=int, default=10,
                    help="with --kl-coef 0, measure the KL to the initial policy every N steps (0: never, and no "
                         "reference model is kept); with --kl-coef > 0 it is part of the loss, so every step")
     g.add_argument("--no-std-norm", action="store_true", help="advantages without std scaling (Dr. GRPO)")
     g.add_argument("--old-logp-pass", action="store_true",
-                   help="compute old log-probs in a separate forward before the update (default: the update's own "
-                        "forward, exact for one optimizer step per rollout batch; see train_on_batch)")
+                   help="compute old log-probs in a separate forward before the update even with one optimizer step "
+                        "per batch (default: the update's own forward, exact in that case; see update_step)")
+    g.add_argument("--filter-groups", action="store_true",
+                   help="DAPO dynamic sampling: drop groups whose rewards are all equal and roll out more prompts")
+    g.add_argument("--filter-max-rounds", type=int, default=4, help="rollout rounds per step at most with --filter-groups")
+    g.add_argument("--overlong-filter", action="store_true", help="truncated answers stay out of the loss (DAPO)")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="DAPO soft overlong punishment: the last N tokens of each answer's budget cost reward")
+    g.add_argument("--overlong-penalty", type=float, default=1.0, help="reward lost at the end of the budget")
+    g.add_argument("--tis-cap", type=float, default=0.0,
+                   help="truncated importance sampling: weight tokens by min(p_trainer / p_vllm, CAP) (0: off; "
+                        "asks vLLM for log-probs of every sample)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=2e-6, help="constant learning rate")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (not on norms and biases)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    g.add_argument("--micro-batch-tokens", type=int, default=8192, help="tokens (rows x padded length) per micro batch")
     g.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false",
                    help="replicate optimizer state on every DP rank instead of sharding it")
+    g = p.add_argument_group("memory (defaults: picked by the memory plan printed at start)")
+    g.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens (rows x padded length) per micro batch")
+    g.add_argument("--logits-chunk-tokens", type=int, default=2048,
+                   help="tokens per chunk of the output layer + log-prob (0: the whole micro batch at once)")
+    g.add_argument("--recompute", choices=("none", "full"), default=None,
+                   help="activation recompute: full = keep only each layer's input, recompute in the backward")
+    g.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default=None, help="gradient buffer dtype")
+    g.add_argument("--optimizer-cpu-offload", type=float, default=None,
+                   help="share (0-1) of the optimizer state kept and stepped on the CPU (see keep_optimizer_share_on_cpu)")
+    g.add_argument("--ref-on-gpu", action="store_true",
+                   help="keep the reference model on the GPU (default: in host memory between its forwards)")
+    g.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: the GPU's)")
+    g.add_argument("--host-gib", type=float, default=None,
+                   help="host memory per node to plan for (default: this machine's; --memory-plan: not checked)")
     g = p.add_argument_group("parallelism and engine")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 4 GiB)")
-    g.add_argument("--sleep-level", type=int, default=1, choices=(1, 2),
-                   help="vLLM sleep level between rollouts: 1 keeps a CPU copy of its weights, 2 drops them")
+    g.add_argument("--sleep-level", type=int, default=2, choices=(1, 2),
+                   help="vLLM sleep between rollouts: 2 drops its weights (the sync rewrites them anyway), "
+                        "1 keeps a copy in host memory")
     g.add_argument("--max-num-seqs", type=int, default=1024, help="vLLM's batch of concurrent sequences")
-    g.add_argument("--reward-workers", type=int, default=4, help="processes scoring math answers per rank")
-    g = p.add_argument_group("eval and logging")
-    g.add_argument("--eval-interval", type=int, default=10, help="evaluate every N steps (0: never)")
+    g.add_argument("--reward-workers", type=int, default=4, help="processes scoring math answers per engine")
+    g = p.add_argument_group("checks, eval and logging")
+    g.add_argument("--logp-diff-warn", type=float, default=0.1,
+                   help="warn when vLLM's and Megatron's log-probs of the sampled tokens differ more (per token)")
+    g.add_argument("--logp-diff-stop", type=float, default=0.25,
+                   help="stop when they differ more in each of the first 3 steps (0: never stop)")
+    g.add_argument("--eval-interval", type=int, default=10, help="evaluate every N steps and before the first (0: never)")
     g.add_argument("--eval-prompts", type=int, default=500, help="test prompts per evaluation")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-temperature", type=float, default=0.6,
+                   help="0: greedy (most published MATH numbers); else sampled with --eval-top-p/--eval-top-k")
+    g.add_argument("--eval-top-p", type=float, default=0.95)
+    g.add_argument("--eval-top-k", type=int, default=20)
+    g.add_argument("--seed", type=int, default=1234, help="data order, and every step's sampling (see rollout_seed)")
     g.add_argument("--trace", action="store_true", help="every rank prints each phase it enters (to locate hangs)")
     g.add_argument("--toy-token", type=int, default=None,
                    help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
     g.add_argument("--toy-prompt-len", type=int, default=8)
-    g = p.add_argument_group("benchmark")
+    g.add_argument("--check-flags", action="store_true",
+                   help="check the flags (and the layout, with WORLD_SIZE set) and exit; touches no file or GPU")
+    g = p.add_argument_group("benchmark and planning")
     g.add_argument("--benchmark", choices=list(convert.QWEN25), default=None,
                    help="time a fixed workload on random weights of this Qwen2.5 size (no --load, no data): "
                         "128 prompts x 8 samples, 256-token prompts, 1024 new tokens each, one warm-up step")
     g.add_argument("--benchmark-steps", type=int, default=3, help="timed steps after the warm-up step")
+    g.add_argument("--benchmark-prompts", type=int, default=128,
+                   help="prompts per step of the benchmark (fewer for big shapes within a time limit)")
+    g.add_argument("--memory-plan", choices=list(convert.QWEN25), default=None,
+                   help="print the memory plan of this Qwen2.5 size for --tp/--pp/--world-size/--gpu-gib and exit")
+    g.add_argument("--world-size", type=int, default=None, help="GPUs in the job, for --memory-plan")
     a = p.parse_args(argv)
-    if a.kl_log_interval < 0 or a.kl_coef < 0:
-        raise UserError("--kl-log-interval and --kl-coef must be >= 0")
+    check_values(a)
     if a.benchmark:
         # the workload is fixed so that numbers from different runs and machines compare
-        a.toy_token, a.toy_prompt_len, a.prompts_per_step, a.n_samples_per_prompt = 7, 256, 128, 8
+        a.toy_token, a.toy_prompt_len, a.prompts_per_step, a.n_samples_per_prompt = 7, 256, a.benchmark_prompts, 8
         a.max_len, a.max_prompt_len, a.steps, a.model_size = 1280, 256, 1 + a.benchmark_steps, a.benchmark
         a.eval_interval, a.save_interval, a.resume = 0, 0, False
         a.out = a.out if a.out != "grpo-out" else "grpo-benchmark"
         return a
-    if a.keep_last < 1:
-        raise UserError("--keep-last must be >= 1")
-    if a.n_samples_per_prompt < 2:
-        raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
-    if a.max_prompt_len >= a.max_len:
-        raise UserError("--max-prompt-len must be smaller than --max-len (room is needed for the response)")
+    if a.check_flags or a.memory_plan:
+        return a
     if not a.load or not a.hf_dir:
         raise UserError("--load and --hf-dir are required (or --benchmark SIZE for random weights)")
     if not os.path.isdir(a.load) or not os.path.isfile(os.path.join(a.load, "metadata.json")):
@@ -719,14 +1406,76 @@ def parse_args(argv):
     return a
 
 
+def check_values(a):
+    """The flag checks that need no file and no GPU (also what --check-flags runs)."""
+    a.clip_ratio_low = a.clip_ratio if a.clip_ratio_low is None else a.clip_ratio_low
+    a.clip_ratio_high = a.clip_ratio if a.clip_ratio_high is None else a.clip_ratio_high
+    positive = {"--steps": a.steps, "--prompts-per-step": a.prompts_per_step, "--max-len": a.max_len,
+                "--keep-last": a.keep_last, "--mini-batches": a.mini_batches, "--epochs": a.epochs,
+                "--filter-max-rounds": a.filter_max_rounds, "--tp": a.tp, "--pp": a.pp, "--max-num-seqs": a.max_num_seqs,
+                "--benchmark-steps": a.benchmark_steps + 1, "--benchmark-prompts": a.benchmark_prompts}
+    for name, v in positive.items():
+        if v < 1:
+            raise UserError(f"{name} must be >= 1" if name != "--benchmark-steps" else "--benchmark-steps must be >= 0")
+    non_negative = {"--kl-log-interval": a.kl_log_interval, "--kl-coef": a.kl_coef, "--save-interval": a.save_interval,
+                    "--eval-interval": a.eval_interval, "--eval-prompts": a.eval_prompts, "--lr": a.lr,
+                    "--weight-decay": a.weight_decay, "--grad-clip": a.grad_clip, "--clip-ratio-low": a.clip_ratio_low,
+                    "--clip-ratio-high": a.clip_ratio_high, "--tis-cap": a.tis_cap, "--overlong-buffer": a.overlong_buffer,
+                    "--logits-chunk-tokens": a.logits_chunk_tokens, "--eval-temperature": a.eval_temperature,
+                    "--logp-diff-stop": a.logp_diff_stop, "--reward-workers": a.reward_workers}
+    for name, v in non_negative.items():
+        if v < 0:
+            raise UserError(f"{name} must be >= 0")
+    if a.n_samples_per_prompt < 2:
+        raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
+    if a.max_prompt_len >= a.max_len:
+        raise UserError("--max-prompt-len must be smaller than --max-len (room is needed for the response)")
+    if a.temperature <= 0:
+        raise UserError("--temperature must be > 0: GRPO needs sampled, different answers per prompt")
+    if a.clip_ratio_low >= 1:
+        raise UserError("--clip-ratio-low must be < 1")
+    if a.tis_cap and a.tis_cap < 1:
+        raise UserError("--tis-cap must be >= 1 (or 0 for off)")
+    if a.micro_batch_tokens is not None and a.micro_batch_tokens < a.max_len:
+        raise UserError(f"--micro-batch-tokens {a.micro_batch_tokens} is less than --max-len {a.max_len}: "
+                        "a full-length row must fit one micro batch")
+    if a.optimizer_cpu_offload is not None and not 0 <= a.optimizer_cpu_offload <= 1:
+        raise UserError("--optimizer-cpu-offload is a share between 0 and 1")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization < 1:
+        raise UserError("--gpu-memory-utilization is a share between 0 and 1")
+    if not 0 < a.eval_top_p <= 1:
+        raise UserError("--eval-top-p must be in (0, 1]")
+    if a.overlong_buffer >= a.max_len - a.max_prompt_len:
+        raise UserError("--overlong-buffer must be smaller than the response budget (--max-len - --max-prompt-len)")
+    if a.mini_batches > a.n_samples_per_prompt * a.prompts_per_step:
+        raise UserError("--mini-batches is larger than the samples of a step")
+    world = a.world_size or (int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None)
+    if world is not None:
+        if world % (a.tp * a.pp):
+            raise UserError(f"{world} GPUs cannot be split into TP={a.tp} x PP={a.pp} groups")
+        if not a.benchmark:
+            rollout_layout(a.prompts_per_step, world, a.tp, a.pp)
+
+
 # ==============================================================================================
-# Main
+# The loop: set-up, then one function per phase of a step
 # ==============================================================================================
 def main(argv=None):
     try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.check_flags:
+            print("grpo.py flags ok")
+            return
+        if args.memory_plan:
+            return print_memory_plan(args)
+        run(args)
     except UserError as e:
         prepare.die(str(e))
+    except Exception as e:
+        hint = out_of_memory_hint(e, _PHASE[0])
+        if hint is None:
+            raise
+        prepare.die(str(hint))
 
 
 def log0(*a):
@@ -743,84 +1492,217 @@ def cuda_seconds(fn):
     return result, time.time() - t
 
 
-def benchmark_report(args, history, llm, model, optimizer, ref, batch, prompts, sampling_params):
-    """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
-    the steps after the warm-up, and the two ceilings measured in the same process: the same
-    prompts through plain `LLM.generate` (no log-probs at all), and a plain Megatron
-    forward+backward of the same rows (no optimizer step). Also the reference model's forward,
-    which a step runs only every --kl-log-interval steps when --kl-coef is 0. tokens/s are for
-    the whole job (all GPUs)."""
-    timed = history[1:] or history
-    mean = {k: sum(m[k] for m in timed) / len(timed) for k in timed[0] if k.startswith("time_") or k.endswith("_tokens")}
-    world = dist.get_world_size()
-    # ceiling 1: vLLM alone (it is awake after the last step's sync)
-    def plain_vllm():
-        outs = generate(llm, prompts, sampling_params)
-        n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
-        dist.all_reduce(n)
-        return n.item()
-    gen_tokens, vllm_s = cuda_seconds(plain_vllm)
-    vllm_tps = gen_tokens / args.tp / vllm_s              # each TP group generated its own share
-    # ceiling 2: Megatron forward+backward alone, same rows and micro batches
-    llm.sleep(level=args.sleep_level)
-    restore_trainer(model, optimizer)
-    mbs = [mb for _, mb in micro_batches(batch, args.micro_batch_tokens)]
-
-    def loss_fn(logits, mb):
-        logp = token_logprobs(logits, mb["targets"], args.temperature)
-        return -(logp * mb["mask"]).sum(), mb["mask"].sum().int(), {}
-    model.zero_grad_buffer()
-    _, fb_s = cuda_seconds(lambda: _run_micro_batches(model, mbs, loss_fn, forward_only=False))
-    dp_tokens = torch.tensor([float(batch["lengths"].sum())], device="cuda", dtype=torch.float64)
-    dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
-    fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
-    ref_s = cuda_seconds(lambda: compute_logprobs(ref, batch, args))[1] if ref is not None else None
-    step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
-    report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp,
-              "device": torch.cuda.get_device_name(), "timed_steps": len(timed), "step_s": step_s,
-              "phases_s": {k[5:]: v for k, v in mean.items() if k.startswith("time_")},
-              "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
-              "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
-              "ceiling_vllm_tokens_per_s": vllm_tps, "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
-              "gpu_used_after_update_gib": max(m["gpu_used_after_update_gib"] for m in history),
-              "kl_coef": args.kl_coef, "kl_log_interval": args.kl_log_interval, "reference_forward_s": ref_s}
-    report["rollout_share_of_ceiling"] = report["rollout_tokens_per_s"] / vllm_tps
-    if dist.get_rank() == 0:
-        print(f"benchmark: Qwen2.5-{args.benchmark} shape, random weights, {args.prompts_per_step} prompts x "
-              f"{args.n_samples_per_prompt} samples, {args.toy_prompt_len} + {args.max_len - args.toy_prompt_len} tokens, "
-              f"{world} x {report['device']}, TP {args.tp} PP {args.pp}, mean of {len(timed)} steps after a warm-up")
-        for k, v in report["phases_s"].items():
-            print(f"  {k:<10} {v:8.2f} s")
-        print(f"  {'step':<10} {step_s:8.2f} s")
-        if ref_s is not None:
-            print(f"  reference forward {ref_s:.2f} s: in every step with --kl-coef > 0, else every "
-                  f"--kl-log-interval ({args.kl_log_interval}) steps")
-        print(f"  rollout {report['rollout_tokens_per_s']:,.0f} generated tok/s = "
-              f"{100 * report['rollout_share_of_ceiling']:.0f}% of plain vLLM ({vllm_tps:,.0f} tok/s)")
-        print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
-              f"forward+backward {fb_tps:,.0f} tok/s")
-        print(f"  GPU memory used after the update: {report['gpu_used_after_update_gib']:.1f} GiB")
-        with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+@contextlib.contextmanager
+def timed(times, key):
+    """Add the wall seconds of the block to times[key]."""
+    t = time.time()
+    yield
+    times[key] = times.get(key, 0.0) + time.time() - t
 
 
-def trace(args, step, phase):
-    """--trace: every rank says which phase it enters, to find the collective a hang waits in."""
-    if args.trace:
-        print(f"[rank {dist.get_rank()}] step {step}: {phase}", flush=True)
+def gpu_used():
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def take_prompts(state, k, seed):
+    """The next k indices of the shuffled prompt order; a fresh shuffle (a new epoch) when it runs
+    out, so no prompt is skipped. state: {"order", "cursor", "epoch"}, saved with checkpoints."""
+    out = []
+    while len(out) < k:
+        if state["cursor"] >= len(state["order"]):
+            state["epoch"] += 1
+            random.Random(seed + state["epoch"]).shuffle(state["order"])
+            state["cursor"] = 0
+        take = state["order"][state["cursor"]:state["cursor"] + k - len(out)]
+        state["cursor"] += len(take)
+        out += take
+    return out
+
+
+def score(samples, args, tokenizer):
+    """Fill "score" (the task's reward) in each sample; returns how many timed out."""
+    if args.toy_token is not None:
+        for s in samples:
+            s["score"] = toy_reward(s["response_ids"], args.toy_token)
+        return 0
+    texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
+    scores, timed_out = prepare.score_responses(texts, [s["truth"] for s in samples], num_workers=args.reward_workers)
+    for s, r in zip(samples, scores):
+        s["score"] = r
+    return timed_out
+
+
+def rollout_round(ctx, prompts, step, rnd, times):
+    """Phase 1, one round: this engine generates its share of `prompts` and scores it; every rank
+    gets every engine's samples back (TP and PP peers of a DP rank must train on identical rows,
+    and PP stages rolled out different prompts). Samples of one prompt stay contiguous."""
+    args, engine, engines = ctx["args"], ctx["engine"], ctx["engines"]
+    mine = prompts[engine::engines]
+    # Each prompt may be answered with what is left of max_len. vLLM's log-probs serve the
+    # vLLM-vs-Megatron check (and --tis-cap): the loss takes Megatron's. They cost Python objects
+    # per token in the thread that also schedules the GPU, so without --tis-cap only the first
+    # prompt of each engine's share asks for them: its n samples are plenty to see a bad sync.
+    params = [ctx["sampling"](args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and rnd == 0)) else None)
+              for i, (p, _) in enumerate(mine)]
+    torch.manual_seed(rollout_seed(args.seed, step, engine, stream=1 + rnd))
+    with timed(times, "rollout"):
+        outs = generate(ctx["llm"], [p for p, _ in mine], params)
+    samples = []
+    for (prompt_ids, truth), group_outs in zip(mine, outs):
+        for resp, lps, finish in group_outs:
+            samples.append({"prompt_ids": prompt_ids, "response_ids": resp, "rollout_logps": lps,
+                            "truncated": finish == "length", "truth": truth,
+                            "budget": args.max_len - len(prompt_ids)})
+    timed_out = 0
+    with timed(times, "reward"):
+        if ctx["tp_rank"] == 0:                  # TP peers hold the same samples: score once
+            timed_out = score(samples, args, ctx["tokenizer"])
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (samples, timed_out) if ctx["tp_rank"] == 0 else ([], 0))
+    all_samples = [s for g in gathered[::args.tp] for s in g[0]]
+    return all_samples, sum(g[1] for g in gathered)
+
+
+def rollout(ctx, step, m, times):
+    """Phases 1-2: generate and score; with --filter-groups, keep only the groups whose rewards
+    differ and roll out more prompts until the step has --prompts-per-step of them (or
+    --filter-max-rounds is reached). Returns the samples to train on, on every rank."""
+    args = ctx["args"]
+    kept, seen, rounds, timeouts, preempted = [], [], 0, 0, vllm_counter(ctx["llm"], "vllm:num_preemptions")
+    n = args.n_samples_per_prompt
+    while rounds < (args.filter_max_rounds if args.filter_groups else 1):
+        prompts = [ctx["train"][i] for i in take_prompts(ctx["data_state"], args.prompts_per_step, args.seed)]
+        samples, t = rollout_round(ctx, prompts, step, rounds, times)
+        rounds, timeouts, seen = rounds + 1, timeouts + t, seen + samples
+        rewards = torch.tensor([s["score"] for s in samples], dtype=torch.float32)
+        if args.overlong_buffer:
+            rewards += overlong_penalty(torch.tensor([len(s["response_ids"]) for s in samples]),
+                                        torch.tensor([s["budget"] for s in samples]), args.overlong_buffer,
+                                        args.overlong_penalty)
+        for s, r in zip(samples, rewards.tolist()):
+            s["reward"] = r
+            s["in_loss"] = 0.0 if (args.overlong_filter and s["truncated"]) else 1.0
+        if not args.filter_groups:
+            kept = samples
+            break
+        keep = informative_groups(rewards, n).tolist()
+        kept += [s for g, k in enumerate(keep) if k for s in samples[g * n:(g + 1) * n]]
+        if len(kept) >= args.prompts_per_step * n:
+            break
+    groups = len(kept) // n
+    groups = min(groups, args.prompts_per_step) // ctx["dp"] * ctx["dp"]    # whole groups for each DP rank
+    kept = kept[:groups * n]
+    scores = torch.tensor([s["score"] for s in seen])
+    lengths = [len(s["response_ids"]) for s in seen]
+    m.update({"reward": sum(s["reward"] for s in seen) / len(seen), "score": float(scores.mean()),
+              "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+              "accuracy": float((scores == 1).float().mean()),
+              "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
+              "generated_tokens": sum(lengths), "truncated_frac": sum(s["truncated"] for s in seen) / len(seen),
+              "reward_timeouts": timeouts, "rollout_digest": digest(seen)})
+    if args.filter_groups:
+        m.update({"filter_rounds": rounds, "filter_dropped_frac": 1 - len(kept) / len(seen),
+                  "filter_groups_trained": groups})
+    if preempted is not None:
+        m["vllm_preemptions"] = vllm_counter(ctx["llm"], "vllm:num_preemptions") - preempted
+    return kept
+
+
+def digest(samples):
+    """A short hash of every generated token of the step: equal digests, equal rollouts (used to
+    check that a resumed run draws the same samples)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(str(s["response_ids"]).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_batch(ctx, samples, m):
+    """Phase 3: group advantages over all samples, then this DP rank's contiguous share."""
+    args = ctx["args"]
+    if not samples:
+        return None
+    r = torch.tensor([s["reward"] for s in samples])
+    adv = group_advantages(r, args.n_samples_per_prompt, norm_by_std=not args.no_std_norm)
+    for s, a in zip(samples, adv.tolist()):
+        s["advantage"] = a
+    m.update({"adv_abs_mean": float(adv.abs().mean()), "adv_max": float(adv.max()), "adv_min": float(adv.min()),
+              "train_tokens": sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)})
+    per_dp = len(samples) // ctx["dp"]
+    return make_batch(samples[ctx["dp_rank"] * per_dp:(ctx["dp_rank"] + 1) * per_dp])
+
+
+def needs_old_logp_pass(args):
+    """A separate old-log-prob forward is needed once the policy moves within a batch."""
+    return args.old_logp_pass or args.mini_batches * args.epochs > 1
+
+
+def reduce_stats(stats, ctx):
+    """Sum a rank's stats over the whole job, counting each DP rank once (its last pipeline
+    stage, TP rank 0, holds them), so that every rank gets the same numbers."""
+    from megatron.core import parallel_state as ps
+    keys = ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "ratio", "loss_tokens", "logp_diff",
+            "logp_diff_tokens", "entropy", "tis_weight", "normaliser")
+    counts = ps.is_pipeline_last_stage() and ctx["tp_rank"] == 0
+    t = torch.tensor([float(stats.get(k, 0.0)) * counts for k in keys], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def evaluate(ctx, step, m):
+    """Accuracy on the first --eval-prompts test prompts, each engine answering its share once
+    (greedy with --eval-temperature 0). The scored answers go to OUT/eval/step_N.jsonl."""
+    args = ctx["args"]
+    from vllm import SamplingParams
+    rows = ctx["test"][:args.eval_prompts][ctx["engine"]::ctx["engines"]]
+    greedy = args.eval_temperature == 0
+    params = [SamplingParams(n=1, temperature=args.eval_temperature, top_p=1.0 if greedy else args.eval_top_p,
+                             top_k=-1 if greedy else args.eval_top_k, max_tokens=args.max_len - len(p),
+                             stop_token_ids=ctx["stop_ids"] or None) for p, _ in rows]
+    torch.manual_seed(rollout_seed(args.seed, step, ctx["engine"], stream=0))
+    t = time.time()
+    outs = generate(ctx["llm"], [p for p, _ in rows], params)
+    m["time_eval_generate"] = time.time() - t
+    t = time.time()
+    texts = ctx["tokenizer"].batch_decode([o[0][0] for o in outs], skip_special_tokens=True) if outs else []
+    acc, _ = prepare.score_responses(texts, [g for _, g in rows], num_workers=args.reward_workers)
+    totals = torch.tensor([sum(acc), len(acc), sum(len(o[0][0]) for o in outs)], dtype=torch.float64,
+                          device="cuda") * (ctx["tp_rank"] == 0)
+    dist.all_reduce(totals)
+    m["eval_accuracy"] = (totals[0] / totals[1].clamp(min=1)).item()
+    m["eval_generated_tokens"] = totals[2].item()
+    m["eval_temperature"] = args.eval_temperature
+    m["time_eval_score"] = time.time() - t
+    if ctx["log_rank"]:       # the answers this rank scored, to read what the model writes
+        os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+        with open(os.path.join(args.out, "eval", f"step_{step:06d}.jsonl"), "w") as f:
+            for text, (_, truth), a in zip(texts, rows, acc):
+                f.write(json.dumps({"response": text, "ground_truth": truth, "reward": a}) + "\n")
 
 
 def run(args):
+    # ---- the model, the layout, the memory plan: all checked before anything starts ---------------
     if args.benchmark:
         cfg = convert.qwen_config(args.benchmark)
     else:
         cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
         convert.check_mcore_shape(args.load, cfg, os.path.join(args.hf_dir, "config.json"))
     convert.check_parallel_sizes(cfg, args.tp, args.pp)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    engines, dp = rollout_layout(args.prompts_per_step, world, args.tp, args.pp)
+    if args.mini_batches > args.prompts_per_step // dp * args.n_samples_per_prompt:
+        raise UserError(f"--mini-batches {args.mini_batches} is more than the {args.prompts_per_step // dp * args.n_samples_per_prompt} "
+                        "samples each data-parallel rank trains on per step")
+    if not args.benchmark:
+        check_out_dir(args.out, args.resume)
     if not torch.cuda.is_available():
         raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them)")
+    plan = plan_and_pick_defaults(args, cfg, dp, gpu_bytes=torch.cuda.mem_get_info()[1])
     convert.init_distributed(args.tp, args.pp, use_cuda=True)
+    rank = dist.get_rank()
+    if rank == 0:
+        print(format_memory_plan(plan), flush=True)
     if args.benchmark:             # vLLM reads only config.json (dummy weights, no tokenizer)
         args.hf_dir = os.path.join(args.out, "benchmark-hf")
         if int(os.environ["LOCAL_RANK"]) == 0:
@@ -830,13 +1712,12 @@ def run(args):
         dist.barrier()
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    # These seeds make the random initial weights of --benchmark (and Megatron's TP RNG tracker)
+    # the same on every run; the data order and each step's sampling have seeds of their own.
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
-    random.seed(args.seed)     # the same prompt order on every rank
 
-    # ---- data -----------------------------------------------------------------------------
+    # ---- data ----------------------------------------------------------------------------------
     tokenizer = None
     if args.toy_token is None:
         from transformers import AutoTokenizer
@@ -844,6 +1725,8 @@ def run(args):
         train, dropped = tokenize(tokenizer, load_prompt_file(os.path.join(args.data, "train.json")), args.max_prompt_len)
         test, _ = tokenize(tokenizer, load_prompt_file(os.path.join(args.data, "test.json")), args.max_prompt_len)
         log0(f"prompts: {len(train)} train ({dropped} dropped: longer than {args.max_prompt_len} tokens), {len(test)} test")
+        if not train:
+            raise UserError(f"no training prompt fits --max-prompt-len {args.max_prompt_len}")
         stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
                            if isinstance(i, int) and i >= 0})
     else:
@@ -851,11 +1734,12 @@ def run(args):
         train = [([rng.randrange(cfg["vocab_size"]) for _ in range(args.toy_prompt_len)], None) for _ in range(4096)]
         test, stop_ids = [], []
 
-    # ---- models ---------------------------------------------------------------------------
+    # ---- models --------------------------------------------------------------------------------
     model, optimizer = build_trainer(cfg, args)
     ref = None
     if args.kl_coef > 0 or args.kl_log_interval > 0:
-        # The frozen initial policy, for KL. Only bf16 params on the GPU: no grads, no optimizer.
+        # The frozen initial policy, for KL: bf16 params only (no grads, no optimizer), kept in
+        # host memory between its forwards unless --ref-on-gpu.
         ref = convert.build_model(cfg, convert.transformer_config(cfg, torch.bfloat16, args.tp, args.pp,
                                                                  variable_seq_lengths=args.pp > 1)).cuda()
         if args.load:
@@ -863,212 +1747,134 @@ def run(args):
         else:
             ref.load_state_dict(model.module.state_dict())
         ref.requires_grad_(False)
+        if not args.ref_on_gpu:
+            park_reference(ref)
     ckpt_root = os.path.join(args.out, "checkpoints")
     resume_from = complete_checkpoints(ckpt_root)[-1:] if args.resume else []
-    train_state = None
+    train_state = {}
     if resume_from:
         train_state = load_checkpoint(resume_from[0][1], model, optimizer)
         log0(f"resuming after step {train_state['step']} from {resume_from[0][1]}")
+
+    # ---- the engine ----------------------------------------------------------------------------
+    enter_phase(args, 0, "start vLLM")
     offload_trainer(model, optimizer)
     free, total = torch.cuda.mem_get_info()
     util = args.gpu_memory_utilization or max(0.05, (free - 4 * 2**30) / total)
     log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
     t0 = time.time()
-    try:
-        llm = create_engine(args, cfg, util)
-    except Exception as e:
-        raise out_of_memory_hint(e, "while starting vLLM") or e
+    llm = create_engine(args, cfg, util)
     log0(f"vLLM engine up in {time.time() - t0:.0f}s")
     sync_weights(model, llm, cfg)
     from vllm import SamplingParams
-    # Every sample may grow to max_len; TP peers must pass identical SamplingParams, so the
-    # budget is fixed, not per prompt.
-    max_new_tokens = args.max_len - (args.toy_prompt_len if args.toy_token is not None else args.max_prompt_len)
-    # top_p 1 / top_k -1 for training rollouts: truncation would renormalise vLLM's log-probs and
-    # the samples would no longer come from the policy that the loss assumes.
-    # vLLM's own log-probs (logprobs=0: the sampled token's) serve only the vLLM-vs-Megatron check;
-    # the loss takes Megatron's. They are not free: vLLM turns each one into Python objects, per
-    # token and step, in the thread that also schedules the GPU. Asked for on every sample they made
-    # a 0.5B benchmark rollout 36 s instead of 22 s (H100). So only the first prompt of each engine's
-    # share asks for them: n samples of it are plenty to see a stale or wrong weight sync.
-    def rollout_params(logprobs):
+
+    def sampling(max_tokens, logprobs):
+        # top_p 1 / top_k -1: truncation would renormalise vLLM's log-probs, and the samples would
+        # no longer come from the policy that the loss assumes.
         return SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
-                              max_tokens=max_new_tokens, logprobs=logprobs, stop_token_ids=stop_ids or None,
-                              seed=None, ignore_eos=args.benchmark is not None)
-    checked, unchecked = rollout_params(0), rollout_params(None)
+                              max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids or None,
+                              ignore_eos=args.benchmark is not None)
+
     os.makedirs(args.out, exist_ok=True)
-    log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0)
-    rollout_groups, group = world // args.tp, rank // args.tp    # one vLLM engine per TP group
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
-    cursor, start = 0, 1
-    if train_state is not None:
-        order, cursor, start = train_state["order"], train_state["cursor"], train_state["step"] + 1
-    metrics_file = None
-    if log_rank:
-        if train_state is not None:
-            keep_metrics_up_to(os.path.join(args.out, "metrics.jsonl"), train_state["step"])
-        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a")
-    wandb_run = start_wandb(args, cfg, start - 1) if log_rank else None
-    from tqdm import tqdm
-    bar = tqdm(range(start, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr)
+    ctx = {"args": args, "llm": llm, "tokenizer": tokenizer, "train": train, "test": test, "stop_ids": stop_ids,
+           "sampling": sampling, "engine": rank // args.tp, "engines": engines, "dp": dp,
+           "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+           "data_state": train_state.get("data", {"order": order, "cursor": 0, "epoch": 0}),
+           "log_rank": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                       and ps.get_data_parallel_rank() == 0}
+    start = train_state.get("step", 0) + 1
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if ctx["log_rank"]:
+        restore_metrics(metrics_path, start - 1, train_state.get("metrics"))
+    wandb_run = start_wandb(args, cfg, start - 1) if ctx["log_rank"] else None
 
-    history = []
-    for step in bar:
+    def log_line(m):
+        if ctx["log_rank"]:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if wandb_run is not None:
+                wandb_run.log(m, step=m["step"])
+            print(progress_line(m), flush=True)
+
+    if args.eval_interval and test and start == 1:        # the accuracy before any training
+        m = {"step": 0}
+        evaluate(ctx, 0, m)
+        log_line(m)
+
+    from tqdm import tqdm
+    history, diffs = [], []
+    for step in tqdm(range(start, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr):
         m, times = {"step": step}, {}
         history.append(m)
-        # ---- 1. rollout: this engine's share of the step's prompts -------------------------
-        trace(args, step, "rollout")
-        t = time.time()
-        if cursor + args.prompts_per_step > len(order):
-            random.Random(args.seed + step).shuffle(order)
-            cursor = 0
-        step_prompts = [train[i] for i in order[cursor:cursor + args.prompts_per_step]]
-        cursor += args.prompts_per_step
-        mine = step_prompts[group::rollout_groups]
-        outs = generate(llm, [p for p, _ in mine], [checked if i == 0 else unchecked for i in range(len(mine))])
-        times["rollout"] = time.time() - t
-        # ---- 2. sleep vLLM, score ---------------------------------------------------------
-        trace(args, step, "sleep+score")
-        t = time.time()
-        llm.sleep(level=args.sleep_level)
-        times["sleep"] = time.time() - t
-        t = time.time()
-        samples = []
-        for (prompt_ids, truth), group_outs in zip(mine, outs):
-            for resp, lps, finish in group_outs:
-                samples.append({"prompt_ids": prompt_ids, "response_ids": resp, "rollout_logps": lps,
-                                "truncated": finish == "length", "truth": truth})
-        if args.toy_token is not None:
-            rewards = [toy_reward(s["response_ids"], args.toy_token) for s in samples]
-        else:
-            texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
-            rewards = prepare.score_responses(texts, [s["truth"] for s in samples], num_workers=args.reward_workers)
-        for s, r in zip(samples, rewards):
-            s["reward"] = r
-        times["reward"] = time.time() - t
-        # every rank gets every rollout, then takes its data-parallel share: TP and PP peers of one
-        # DP rank must train on identical rows, and PP stages rolled out different prompts.
-        gathered = [None] * world
-        dist.all_gather_object(gathered, samples if rank % args.tp == 0 else [])
-        all_samples = [s for g in range(rollout_groups) for s in gathered[g * args.tp]]
-        # ---- 3. advantages (samples of one prompt are contiguous) -------------------------
-        trace(args, step, "advantages")
-        r = torch.tensor([s["reward"] for s in all_samples])
-        adv = group_advantages(r, args.n_samples_per_prompt, norm_by_std=not args.no_std_norm)
-        for s, a in zip(all_samples, adv.tolist()):
-            s["advantage"] = a
-        per_dp = len(all_samples) // args.n_samples_per_prompt // dp_size * args.n_samples_per_prompt
-        shard = all_samples[dp_rank * per_dp:(dp_rank + 1) * per_dp]
-        batch = make_batch(shard)
-        # ---- 4. reference (and, with --old-logp-pass, old) log-probs ------------------------
-        trace(args, step, "logprobs")
-        t = time.time()
-        restore_trainer(model, optimizer)
-        times["restore"] = time.time() - t
-        t = time.time()
-        if args.old_logp_pass:
-            batch["old_logp"] = compute_logprobs(model, batch, args)
-        # With kl_coef 0 the reference model does not touch the loss: its forward (11 s next to
-        # the update's 19 s in the 0.5B benchmark) only measures how far the policy drifted, so
-        # it runs every kl_log_interval steps (TRL and verl skip it altogether at KL weight 0).
-        measure_kl = ref is not None and (args.kl_coef > 0 or step % args.kl_log_interval == 0)
-        if measure_kl:
-            batch["ref_logp"] = compute_logprobs(ref, batch, args)
-        times["logprobs"] = time.time() - t
-        # ---- 5. policy update ------------------------------------------------------------
-        trace(args, step, "update")
-        stats, times["update"] = cuda_seconds(lambda: train_on_batch(model, optimizer, batch, args))
-        if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
-            # Saved right after the update, while the optimizer state is on the GPU. A run killed
-            # after this point resumes at step + 1; killed before it, it redoes this step (from
-            # the previous checkpoint on): no completed step is lost or done twice.
-            t = time.time()
-            save_checkpoint(ckpt_root, step, model, optimizer, cfg, {"order": order, "cursor": cursor}, args.keep_last)
-            times["save"] = time.time() - t
-        # ---- 6. weight sync --------------------------------------------------------------
-        trace(args, step, "sync")
-        used_in_update = total - torch.cuda.mem_get_info()[0]
-        t = time.time()
-        offload_trainer(model, optimizer)
-        times["offload"] = time.time() - t
-        free_before_wake = torch.cuda.mem_get_info()[0]
-        t = time.time()
-        try:
+        # ---- 1-2. rollout and rewards (vLLM awake), then vLLM sleeps ----------------------------
+        enter_phase(args, step, "rollout")
+        samples = rollout(ctx, step, m, times)
+        m["gpu_used_rollout_gib"] = gpu_used() / 2**30
+        enter_phase(args, step, "sleep")
+        with timed(times, "sleep"):
+            llm.sleep(level=args.sleep_level)
+        # ---- 3. advantages, this rank's share -----------------------------------------------
+        enter_phase(args, step, "advantages")
+        batch = prepare_batch(ctx, samples, m)
+        if batch is not None:
+            # ---- 4. old and reference log-probs ---------------------------------------------
+            used0, reserved0 = gpu_used(), torch.cuda.memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
+            with timed(times, "restore"):
+                restore_grads(model)
+            if needs_old_logp_pass(args):
+                enter_phase(args, step, "old log-probs")
+                with timed(times, "old_logprobs"):
+                    batch["old_logp"] = compute_logprobs(model, batch, args)
+            measure_kl = ref is not None and (args.kl_coef > 0 or step % args.kl_log_interval == 0)
+            if measure_kl:
+                enter_phase(args, step, "reference log-probs")
+                with timed(times, "ref_logprobs"):
+                    batch["ref_logp"] = reference_logprobs(ref, batch, args)
+            # ---- 5. policy update (and checkpoint) ------------------------------------------
+            enter_phase(args, step, "update")
+            stats, times["update"] = cuda_seconds(
+                lambda: train_on_batch(model, optimizer, batch, args, random.Random(rollout_seed(args.seed, step, 0, 99))))
+            m["gpu_peak_train_gib"] = (used0 + torch.cuda.max_memory_reserved() - reserved0) / 2**30
+            m.update(step_metrics(reduce_stats(stats, ctx), stats, batch, measure_kl))
+            if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
+                # Saved right after the update, while the optimizer state is on the GPU. A run killed
+                # after this point resumes at step + 1; killed before it, it redoes this step (from
+                # the previous checkpoint on): no completed step is lost or done twice.
+                enter_phase(args, step, "save")
+                with timed(times, "save"):
+                    save_checkpoint(ckpt_root, step, model, optimizer, cfg,
+                                    {"data": ctx["data_state"], "metrics": dict(m, **time_metrics(times))},
+                                    args.keep_last)
+        # ---- 6. weight sync ---------------------------------------------------------------------
+        enter_phase(args, step, "sync")
+        with timed(times, "offload"):
+            offload_trainer(model, optimizer)
+        m["gpu_free_before_wake_gib"] = torch.cuda.mem_get_info()[0] / 2**30
+        enter_phase(args, step, "wake vLLM")
+        with timed(times, "wake"):
             llm.wake_up(tags=["weights"])
-        except Exception as e:
-            raise out_of_memory_hint(e, "while waking vLLM after the update (the trainer kept too much)") or e
-        times["wake"] = time.time() - t
-        t = time.time()
-        sync_weights(model, llm, cfg)
-        times["sync"] = time.time() - t
-        t = time.time()
-        llm.wake_up(tags=["kv_cache", "scheduling"])
-        times["wake"] += time.time() - t
-        # ---- 7. log ----------------------------------------------------------------------
-        trace(args, step, "log")
-        red = torch.tensor([stats.get(k, 0.0) for k in
-                            ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "tokens", "logp_diff",
-                             "logp_diff_tokens")], device="cuda")
-        dist.all_reduce(red, group=ps.get_data_parallel_group())
-        n_tok = max(red[5].item(), 1.0)
-        lengths = [len(s["response_ids"]) for s in all_samples]
-        m.update({
-            "reward": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
-            "accuracy": float((r == 1).float().mean()),
-            "adv_abs_mean": float(adv.abs().mean()), "adv_max": float(adv.max()), "adv_min": float(adv.min()),
-            "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
-            "generated_tokens": sum(lengths),
-            "train_tokens": sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in all_samples),
-            "clipped_ratio": sum(s["truncated"] for s in all_samples) / len(all_samples),
-            "loss": red[0].item() / n_tok, "pg_loss": red[1].item() / n_tok, "clip_frac": red[2].item() / n_tok,
-            "neg_logp": red[4].item() / n_tok,
-            "logp_diff_vllm_megatron": red[6].item() / max(red[7].item(), 1.0),
-            "grad_norm": stats["grad_norm"], "update_skipped": stats["update_skipped"],
-            "tokens_per_s_rollout": sum(lengths) / max(times["rollout"], 1e-9) / max(1, rollout_groups),
-            # (torch's own peak counters also count vLLM's sleeping pool, so we read the driver)
-            "gpu_used_after_update_gib": used_in_update / 2**30, "gpu_free_before_wake_gib": free_before_wake / 2**30,
-            **{f"time_{k}": v for k, v in times.items()}})
-        if measure_kl:
-            m["kl"] = red[3].item() / n_tok
-        # ---- eval ------------------------------------------------------------------------
-        if args.eval_interval and step % args.eval_interval == 0 and test:
-            t = time.time()
-            eval_rows = test[:args.eval_prompts][group::rollout_groups]
-            ep = SamplingParams(n=1, temperature=0.6, top_p=0.95, top_k=20, max_tokens=max_new_tokens,
-                                stop_token_ids=stop_ids or None)
-            eouts = generate(llm, [p for p, _ in eval_rows], ep)
-            m["time_eval_generate"] = time.time() - t
-            t = time.time()
-            texts = tokenizer.batch_decode([o[0][0] for o in eouts], skip_special_tokens=True)
-            acc = prepare.score_responses(texts, [g for _, g in eval_rows], num_workers=args.reward_workers)
-            acc_t = torch.tensor([sum(acc), len(acc)], dtype=torch.float64, device="cuda") * (rank % args.tp == 0)
-            dist.all_reduce(acc_t)
-            m["eval_accuracy"] = (acc_t[0] / acc_t[1].clamp(min=1)).item()
-            m["time_eval_score"] = time.time() - t
-            if log_rank:       # the answers this rank scored, to read what the model writes
-                os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
-                with open(os.path.join(args.out, "eval", f"step_{step:06d}.jsonl"), "w") as f:
-                    for text, (_, truth), a in zip(texts, eval_rows, acc):
-                        f.write(json.dumps({"response": text, "ground_truth": truth, "reward": a}) + "\n")
-        if metrics_file:
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
-            if wandb_run is not None:
-                wandb_run.log(m, step=step)
-            print(f"step {step}: reward {m['reward']:.3f} loss {m['loss']:.4f} "
-                  + (f"kl {m['kl']:.4f} " if "kl" in m else "") +
-                  f"clip {m['clip_frac']:.3f} |logp diff| {m['logp_diff_vllm_megatron']:.4f} "
-                  f"len {m['response_len_mean']:.0f} grad {m['grad_norm']:.3f} "
-                  f"mem {m['gpu_used_after_update_gib']:.1f}/{m['gpu_free_before_wake_gib']:.1f} GiB used/free "
-                  + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_"))
-                  + (f" eval_acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""), flush=True)
+        with timed(times, "sync"):
+            sync_weights(model, llm, cfg)
+        with timed(times, "wake"):
+            llm.wake_up(tags=["kv_cache", "scheduling"])
+        # ---- 7. checks, evaluation, log ---------------------------------------------------------
+        m.update(time_metrics(times))
+        m["tokens_per_s_rollout"] = m["generated_tokens"] / max(times["rollout"], 1e-9) / engines
+        if "logp_diff_vllm_megatron" in m:
+            diffs.append(m["logp_diff_vllm_megatron"])
+            check_logp_diff(diffs, args, rank)
+        if args.eval_interval and test and step % args.eval_interval == 0:
+            enter_phase(args, step, "evaluation")
+            evaluate(ctx, step, m)
+        log_line(m)
     if args.benchmark:
-        benchmark_report(args, history, llm, model, optimizer, ref, batch, [p for p, _ in mine], unchecked)
-        del llm
+        benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx)
         convert.shutdown_distributed()
         return
-    # ---- final checkpoint ----------------------------------------------------------------------
+    # ---- the trained policy -----------------------------------------------------------------------
     final = os.path.join(args.out, "final")
     if rank == 0 and os.path.isdir(final):
         import shutil
@@ -1082,8 +1888,151 @@ def run(args):
     log0(f"saved the policy to {final}")
     if wandb_run is not None:
         wandb_run.finish()
+    prepare.close_reward_pool()
     del llm
     convert.shutdown_distributed()
+
+
+def reference_logprobs(ref, batch, args):
+    """The frozen initial policy's log-probs; it visits the GPU for this forward only."""
+    if not args.ref_on_gpu:
+        fetch_reference(ref)
+    out = compute_logprobs(ref, batch, args)
+    if not args.ref_on_gpu:
+        park_reference(ref)
+    return out
+
+
+def time_metrics(times):
+    return {f"time_{k}": v for k, v in times.items()}
+
+
+def step_metrics(red, stats, batch, measure_kl):
+    """The update's metrics from the job-wide sums (see reduce_stats)."""
+    tok = max(red["loss_tokens"], 1.0)
+    m = {"loss": red["loss"] / max(red["normaliser"], 1.0), "pg_loss": red["pg_loss"] / tok,
+         "clip_frac": red["clip_frac"] / tok, "neg_logp": red["neg_logp"] / tok, "ratio_mean": red["ratio"] / tok,
+         "entropy": red["entropy"] / tok, "grad_norm": stats["grad_norm"],
+         "update_skipped": stats["update_skipped"], "optimizer_steps": stats["optimizer_steps"]}
+    if red["logp_diff_tokens"] > 0:
+        m["logp_diff_vllm_megatron"] = red["logp_diff"] / red["logp_diff_tokens"]
+    if red["tis_weight"]:
+        m["tis_weight_mean"] = red["tis_weight"] / tok
+    if measure_kl:
+        m["kl"] = red["kl"] / tok
+    return m
+
+
+def check_logp_diff(diffs, args, rank):
+    """The tripwire (see logp_diff_verdict); every rank holds the same job-wide numbers."""
+    verdict = logp_diff_verdict(diffs, args.logp_diff_warn, args.logp_diff_stop)
+    if verdict == "stop":
+        raise UserError(
+            f"vLLM's and Megatron's log-probs of the sampled tokens differ by {', '.join(f'{d:.3f}' for d in diffs)} "
+            f"per token in the first {len(diffs)} steps (bf16 noise is below ~0.05): the two engines run different "
+            "models. Likely causes: a config.json field the two read differently (RoPE base or scaling, norm "
+            "epsilon), a stale or wrong weight sync, a dtype mismatch. --logp-diff-stop 0 trains on anyway")
+    if verdict == "warn" and rank == 0:
+        print(f"WARNING: vLLM-vs-Megatron log-prob diff {diffs[-1]:.3f} per token (above --logp-diff-warn "
+              f"{args.logp_diff_warn}): check the weight sync and the model config", flush=True)
+
+
+def progress_line(m):
+    """One line per step on stdout (the full record is the metrics.jsonl line)."""
+    parts = [f"step {m['step']}:"]
+    for key, fmt in (("reward", "reward {:.3f}"), ("loss", "loss {:.4f}"), ("kl", "kl {:.4f}"),
+                     ("clip_frac", "clip {:.3f}"), ("entropy", "entropy {:.3f}"),
+                     ("logp_diff_vllm_megatron", "|logp diff| {:.4f}"), ("response_len_mean", "len {:.0f}"),
+                     ("grad_norm", "grad {:.3f}"), ("gpu_peak_train_gib", "peak {:.1f} GiB"),
+                     ("eval_accuracy", "eval_acc {:.3f}")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    parts += [f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time_")]
+    return " ".join(parts)
+
+
+# ==============================================================================================
+# Benchmark: what a step costs, next to what each engine does alone
+# ==============================================================================================
+def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
+    """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
+    the steps after the warm-up, and the two ceilings measured in the same process: the same
+    prompts through plain `LLM.generate` (no log-probs at all), and a plain Megatron
+    forward+backward of the same rows (no optimizer step). Also the reference model's forward,
+    which a step runs only every --kl-log-interval steps when --kl-coef is 0, and the memory
+    plan's prediction next to the measured peaks. tokens/s are for the whole job (all GPUs)."""
+    timed = history[1:] or history
+    mean = {k: sum(m.get(k, 0.0) for m in timed) / len(timed) for k in timed[0]
+            if k.startswith("time_") or k.endswith("_tokens")}
+    world = dist.get_world_size()
+    # ceiling 1: vLLM alone (it is awake after the last step's sync), on the last step's prompts
+    prompts = [ctx["train"][i] for i in ctx["data_state"]["order"][:args.prompts_per_step]][ctx["engine"]::ctx["engines"]]
+    params = ctx["sampling"](args.max_len - args.toy_prompt_len, None)
+    before = vllm_counter(llm, "vllm:num_preemptions")
+
+    def plain_vllm():
+        outs = generate(llm, [p for p, _ in prompts], params)
+        n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
+        dist.all_reduce(n)
+        return n.item()
+    gen_tokens, vllm_s = cuda_seconds(plain_vllm)
+    vllm_tps = gen_tokens / args.tp / vllm_s              # each TP group generated its own share
+    plain_preemptions = None if before is None else vllm_counter(llm, "vllm:num_preemptions") - before
+    cache = llm.llm_engine.vllm_config.cache_config
+    # ceiling 2: Megatron forward+backward alone, same rows and micro batches
+    llm.sleep(level=args.sleep_level)
+    restore_grads(model)
+    mbs = [mb for _, mb in micro_batches(batch, args.micro_batch_tokens)]
+
+    def loss_fn(logp, _ent, mb):
+        return -(logp * mb["mask"]).sum(), mb["mask"].sum().int(), {}
+    model.zero_grad_buffer()
+    _, fb_s = cuda_seconds(lambda: _run_micro_batches(model, mbs, loss_fn, False, args))
+    dp_tokens = torch.tensor([float(batch["lengths"].sum())], device="cuda", dtype=torch.float64)
+    dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
+    fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
+    ref_s = cuda_seconds(lambda: reference_logprobs(ref, batch, args))[1] if ref is not None else None
+    step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
+    plan = plan_and_pick_defaults(args, convert.qwen_config(args.benchmark), ctx["dp"], torch.cuda.mem_get_info()[1])
+    report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp, "prompts": args.prompts_per_step,
+              "device": torch.cuda.get_device_name(), "timed_steps": len(timed), "step_s": step_s,
+              "phases_s": {k[5:]: v for k, v in mean.items() if k.startswith("time_")},
+              "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
+              "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
+              "ceiling_vllm_tokens_per_s": vllm_tps, "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
+              "gpu_peak_train_gib": max(m.get("gpu_peak_train_gib", 0.0) for m in history),
+              "gpu_used_rollout_gib": max(m["gpu_used_rollout_gib"] for m in history),
+              "plan_train_gib": plan["train_peak"] / 2**30, "plan_rollout_gib": plan["rollout_peak"] / 2**30,
+              "settings": {k: getattr(args, k) for k in ("micro_batch_tokens", "logits_chunk_tokens", "recompute",
+                                                          "grad_reduce_dtype", "optimizer_cpu_offload", "sleep_level",
+                                                          "kl_coef", "kl_log_interval", "ref_on_gpu", "max_num_seqs")},
+              "reference_forward_s": ref_s, "kv_cache_tokens": getattr(cache, "kv_cache_size_tokens", None),
+              "vllm_preemptions_per_step": sum(m.get("vllm_preemptions", 0) for m in timed) / len(timed),
+              "vllm_preemptions_plain": plain_preemptions}
+    report["rollout_share_of_ceiling"] = report["rollout_tokens_per_s"] / vllm_tps
+    if dist.get_rank() == 0:
+        print(f"benchmark: Qwen2.5-{args.benchmark} shape, random weights, {args.prompts_per_step} prompts x "
+              f"{args.n_samples_per_prompt} samples, {args.toy_prompt_len} + {args.max_len - args.toy_prompt_len} tokens, "
+              f"{world} x {report['device']}, TP {args.tp} PP {args.pp}, mean of {len(timed)} steps after a warm-up")
+        print("  settings: " + " ".join(f"{k}={v}" for k, v in report["settings"].items()))
+        for k, v in report["phases_s"].items():
+            print(f"  {k:<12} {v:8.2f} s")
+        print(f"  {'step':<12} {step_s:8.2f} s")
+        if ref_s is not None:
+            print(f"  reference forward {ref_s:.2f} s: in every step with --kl-coef > 0, else every "
+                  f"--kl-log-interval ({args.kl_log_interval}) steps")
+        print(f"  rollout {report['rollout_tokens_per_s']:,.0f} generated tok/s = "
+              f"{100 * report['rollout_share_of_ceiling']:.0f}% of plain vLLM ({vllm_tps:,.0f} tok/s); KV cache "
+              f"{report['kv_cache_tokens']} tokens; preemptions per rollout {report['vllm_preemptions_per_step']} "
+              f"(plain vLLM {plain_preemptions})")
+        print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
+              f"forward+backward {fb_tps:,.0f} tok/s")
+        print(f"  GPU memory: train peak {report['gpu_peak_train_gib']:.1f} GiB (plan {report['plan_train_gib']:.1f}), "
+              f"rollout {report['gpu_used_rollout_gib']:.1f} GiB (plan {report['plan_rollout_gib']:.1f}) "
+              f"of {torch.cuda.mem_get_info()[1] / 2**30:.1f} GiB")
+        with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Qwen2-shaped checkpoints into pytest's tmp dirs.
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -235,7 +236,7 @@ def test_single_sample_group_gets_zero_advantage():
     assert grpo.group_advantages(torch.tensor([1.0, 0.0, 0.5]), 1).tolist() == [0.0, 0.0, 0.0]
 
 
-def ref_policy_loss(logp, old, adv, mask, clip, kl_coef, ref):
+def ref_policy_loss(logp, old, adv, mask, low, high, kl_coef, ref):
     import math
     total, n, clipped = 0.0, 0, 0
     for b in range(len(logp)):
@@ -243,7 +244,7 @@ def ref_policy_loss(logp, old, adv, mask, clip, kl_coef, ref):
             if not mask[b][t]:
                 continue
             ratio = math.exp(min(logp[b][t] - old[b][t], 10.0))
-            s1, s2 = ratio * adv[b], min(max(ratio, 1 - clip), 1 + clip) * adv[b]
+            s1, s2 = ratio * adv[b], min(max(ratio, 1 - low), 1 + high) * adv[b]
             d = max(-20.0, min(20.0, ref[b][t] - logp[b][t]))
             total += -min(s1, s2) + kl_coef * min(math.exp(d) - d - 1, 10.0)
             clipped += s2 < s1
@@ -255,16 +256,43 @@ def test_policy_loss_matches_reference_on_random_inputs():
     import torch
     import grpo
     torch.manual_seed(0)
-    for trial in range(5):
-        B, S = 4, 7
-        logp, old, ref = (-torch.rand(B, S) * 3 for _ in range(3))
-        adv = torch.randn(B)
-        mask = (torch.rand(B, S) < 0.7).float()
-        mask[0] = 0                                   # a fully masked row contributes nothing
-        loss, n, stats = grpo.policy_loss(logp, old, adv, mask, 0.2, 0.1, ref)
-        r_loss, r_n, r_clip = ref_policy_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.1, ref.tolist())
-        assert float(loss) == pytest.approx(r_loss, rel=1e-5, abs=1e-5)
-        assert float(n) == r_n and float(stats["clip_frac"]) == r_clip
+    for low, high in ((0.2, 0.2), (0.2, 0.28)):
+        for trial in range(5):
+            B, S = 4, 7
+            logp, old, ref = (-torch.rand(B, S) * 3 for _ in range(3))
+            adv = torch.randn(B)
+            mask = (torch.rand(B, S) < 0.7).float()
+            mask[0] = 0                                   # a fully masked row contributes nothing
+            loss, stats = grpo.policy_loss(logp, old, adv, mask, low, high, 0.1, ref)
+            r_loss, r_n, r_clip = ref_policy_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), low, high,
+                                                  0.1, ref.tolist())
+            assert float(loss) == pytest.approx(r_loss, rel=1e-5, abs=1e-5)
+            assert float(stats["loss_tokens"]) == r_n and float(stats["clip_frac"]) == r_clip
+
+
+def test_policy_loss_worked_examples_of_its_docstring():
+    """A=+1, ratio 1.5, clip 0.2 -> -1.2 (clipped); A=-1, ratio 1.5 -> 1.5 (never clipped toward harm)."""
+    import math
+    import torch
+    import grpo
+    one = torch.ones(1, 1)
+    loss, stats = grpo.policy_loss(torch.full((1, 1), math.log(1.5)), torch.zeros(1, 1), torch.tensor([1.0]), one)
+    assert float(loss) == pytest.approx(-1.2) and float(stats["clip_frac"]) == 1
+    loss, stats = grpo.policy_loss(torch.full((1, 1), math.log(1.5)), torch.zeros(1, 1), torch.tensor([-1.0]), one)
+    assert float(loss) == pytest.approx(1.5) and float(stats["clip_frac"]) == 0
+
+
+def test_clip_higher_leaves_more_room_above_than_below():
+    """DAPO's asymmetric clip, 0.2 below and 0.28 above: ratio 1.3 with A=+1 is cut at 1.28, and
+    ratio 0.7 with A=-1 at 0.8."""
+    import math
+    import torch
+    import grpo
+    logp = torch.tensor([[math.log(1.3)], [math.log(0.7)]])
+    loss, stats = grpo.policy_loss(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1), 0.2, 0.28)
+    assert float(loss) == pytest.approx(-1.28 + 0.8) and float(stats["clip_frac"]) == 2
+    loss, _ = grpo.policy_loss(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1), 0.2, 0.35)
+    assert float(loss) == pytest.approx(-1.3 + 0.8)                 # 1.3 is inside a 0.35 clip
 
 
 def test_policy_loss_of_unchanged_policy_is_minus_token_weighted_advantage():
@@ -272,8 +300,95 @@ def test_policy_loss_of_unchanged_policy_is_minus_token_weighted_advantage():
     import grpo
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    loss, n, stats = grpo.policy_loss(logp, logp, torch.tensor([2.0, -1.0]), mask)
-    assert float(loss) == -(2.0 * 2 - 1.0 * 1) and float(n) == 3 and float(stats["clip_frac"]) == 0
+    loss, stats = grpo.policy_loss(logp, logp, torch.tensor([2.0, -1.0]), mask)
+    assert float(loss) == -(2.0 * 2 - 1.0 * 1) and float(stats["loss_tokens"]) == 3 and float(stats["clip_frac"]) == 0
+
+
+def test_loss_weights_worked_example_of_each_aggregation():
+    """Two answers of 1 and 3 tokens (and a filtered-out row), norm_len 4."""
+    import torch
+    import grpo
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1], [0, 0, 0]])
+    w, n = grpo.loss_weights(mask, "token-mean", 4)
+    assert w.tolist() == mask.tolist() and int(n) == 4
+    w, n = grpo.loss_weights(mask, "seq-mean-token-mean", 4)
+    assert w.flatten().tolist() == pytest.approx([1, 0, 0] + [1 / 3] * 3 + [0, 0, 0]) and int(n) == 2
+    w, n = grpo.loss_weights(mask, "seq-mean-token-sum-norm", 4)
+    assert w.tolist() == mask.tolist() and int(n) == 8
+    # the same per-token losses [1 | 3 3 3]: token-mean 10/4, GRPO's seq-mean (1 + 3) / 2, Dr. GRPO 10/8
+    loss = torch.tensor([[1.0, 0, 0], [3, 3, 3], [0, 0, 0]])
+    means = [float((loss * w).sum() / n) for w, n in (grpo.loss_weights(mask, a, 4) for a in
+                                                     ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))]
+    assert means == pytest.approx([2.5, 2.0, 1.25])
+
+
+def test_informative_groups_are_those_whose_rewards_differ():
+    import torch
+    import grpo
+    keep = grpo.informative_groups(torch.tensor([1.0, 1, 0, 1, 0, 0, 0.5, 0.25]), 2)
+    assert keep.tolist() == [False, True, False, True]
+
+
+def test_overlong_penalty_ramps_over_the_last_buffer_tokens():
+    import torch
+    import grpo
+    pen = grpo.overlong_penalty(torch.tensor([50, 80, 90, 100]), torch.tensor([100, 100, 100, 100]), 20, 1.0)
+    assert pen.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
+    # each sample's own budget: a 60-token answer to a prompt that left 70 tokens is in its buffer
+    assert grpo.overlong_penalty(torch.tensor([60]), torch.tensor([70]), 20, 0.5).tolist() == pytest.approx([-0.25])
+
+
+def test_tis_weights_are_the_capped_probability_ratio():
+    import math
+    import torch
+    import grpo
+    w = grpo.tis_weights(torch.tensor([math.log(0.5), math.log(0.9)]), torch.tensor([math.log(0.4), math.log(0.1)]), 2.0)
+    assert w.tolist() == pytest.approx([1.25, 2.0])
+
+
+def test_mini_batches_cover_every_row_once_in_near_equal_parts():
+    import random
+    import grpo
+    parts = grpo.mini_batch_rows(10, 4, random.Random(0))
+    assert sorted(i for p in parts for i in p) == list(range(10)) and sorted(len(p) for p in parts) == [2, 2, 3, 3]
+    assert grpo.mini_batch_rows(3, 8, random.Random(0)) and len(grpo.mini_batch_rows(3, 8, random.Random(0))) == 3
+
+
+def test_logp_diff_tripwire_examples():
+    import grpo
+    assert grpo.logp_diff_verdict([0.8, 1.2, 0.5], 0.1, 0.25) == "stop"       # two models from the start
+    assert grpo.logp_diff_verdict([0.8, 1.2, 0.5], 0.1, 0.0) == "warn"        # --logp-diff-stop 0: never stop
+    assert grpo.logp_diff_verdict([0.8, 0.01], 0.1, 0.25) == "ok"
+    assert grpo.logp_diff_verdict([0.01, 0.3], 0.1, 0.25) == "warn"
+    assert grpo.logp_diff_verdict([0.01, 0.02, 0.01, 0.9], 0.1, 0.25) == "warn"  # later jumps warn, never stop
+
+
+def test_logp_diff_stop_is_a_one_line_error_naming_the_causes():
+    import types
+    import grpo
+    from convert import UserError
+    args = types.SimpleNamespace(logp_diff_warn=0.1, logp_diff_stop=0.25)
+    with pytest.raises(UserError) as e:
+        grpo.check_logp_diff([0.4, 1.8, 0.9], args, 0)
+    assert "RoPE" in str(e.value) and "weight sync" in str(e.value) and "\n" not in str(e.value)
+    grpo.check_logp_diff([0.004, 0.001], args, 0)                             # bf16 noise passes
+
+
+def test_rollout_seeds_differ_by_step_engine_and_stream_and_repeat_exactly():
+    import grpo
+    seeds = {grpo.rollout_seed(1234, step, engine, stream) for step in range(50) for engine in range(8)
+             for stream in range(4)}
+    assert len(seeds) == 50 * 8 * 4
+    assert grpo.rollout_seed(1234, 7, 3, 1) == grpo.rollout_seed(1234, 7, 3, 1)
+
+
+def test_prompts_are_taken_in_order_and_reshuffled_without_skipping():
+    import grpo
+    state = {"order": list(range(10)), "cursor": 0, "epoch": 0}
+    first = grpo.take_prompts(state, 4, 0) + grpo.take_prompts(state, 4, 0)
+    wrap = grpo.take_prompts(state, 4, 0)                   # 2 left in epoch 0, then 2 of epoch 1
+    assert first == list(range(8)) and wrap[:2] == [8, 9] and state["epoch"] == 1 and state["cursor"] == 2
+    assert sorted(state["order"]) == list(range(10))
 
 
 def test_kl_k3_is_zero_at_equal_policies_and_positive_elsewhere():
@@ -592,7 +707,7 @@ def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpt
     assert r["after"][1] < r["before"][1] - 0.1          # advantage -1: less likely
     # Megatron's loss (summed over micro batches) equals the pure function's on the same log-probs
     assert r["stats"]["loss"] == pytest.approx(r["ref_loss"], abs=1e-5) == -(4 * 1.0 + 2 * -1.0)
-    assert r["stats"]["tokens"] == r["ref_tokens"] == 6
+    assert r["stats"]["loss_tokens"] == r["ref_tokens"] == r["stats"]["normaliser"] == 6
     assert r["stats"]["neg_logp"] == pytest.approx(r["ref_neg_logp"], rel=1e-5)
     assert r["stats"]["grad_norm"] > 0 and r["stats"]["update_skipped"] == 0
     # the vLLM-vs-Megatron monitor: sum of |Megatron logp - rollout logp| over the response tokens
@@ -626,7 +741,7 @@ def test_one_train_step_at_pp2_matches_pp1(tiny_ckpts, tmp_path):
     for nproc, flags in ((1, []), (2, ["--pp", "2"])):
         out = tmp_path / f"step{nproc}.json"
         p = run_shimmed("trainstep", str(root / "mc_untied"), str(root / "hf_untied"), str(out),
-                        "--micro-batch-tokens", "8", *flags, nproc=nproc)
+                        "--max-len", "8", "--max-prompt-len", "4", "--micro-batch-tokens", "8", *flags, nproc=nproc)
         assert p.returncode == 0, p.stderr[-3000:]
         res.append(json.loads(out.read_text()))
     assert res[1]["before"] == pytest.approx(res[0]["before"], abs=1e-4)
@@ -701,30 +816,148 @@ def test_checkpoint_round_trip_and_resume_after_a_killed_save(tiny_ckpts, tmp_pa
     assert r["same_next"]
 
 
+def write_metrics(path, steps, torn=False):
+    path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in steps)
+                    + ('{"step": 9, "rew' if torn else ""))
+
+
+def metric_steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
 def test_resume_drops_metrics_of_steps_that_will_be_redone(tmp_path):
     import grpo
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in range(1, 6)))
-    grpo.keep_metrics_up_to(str(path), 3)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    write_metrics(path, range(0, 6))
+    grpo.restore_metrics(str(path), 3)
+    assert metric_steps(path) == [0, 1, 2, 3]          # the initial evaluation (step 0) stays with its run
 
 
-def test_gpu_out_of_memory_becomes_a_hint_and_other_errors_pass_through():
+def test_a_run_killed_before_its_first_checkpoint_restarts_its_log(tmp_path):
+    import grpo
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, range(0, 3), torn=True)
+    grpo.restore_metrics(str(path), 0)                  # nothing to resume: steps 1.. are redone
+    assert path.read_text() == "" and not os.path.exists(str(path) + ".tmp")
+
+
+def test_a_torn_last_metrics_line_is_dropped(tmp_path):
+    import grpo
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, range(1, 4), torn=True)
+    grpo.restore_metrics(str(path), 3)
+    assert metric_steps(path) == [1, 2, 3]
+
+
+def test_the_line_of_a_checkpointed_step_is_put_back_when_the_run_died_before_logging_it(tmp_path):
+    import grpo
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, range(1, 4))                    # killed after saving step 4, before its line
+    grpo.restore_metrics(str(path), 4, {"step": 4, "reward": 0.4})
+    assert metric_steps(path) == [1, 2, 3, 4]
+    grpo.restore_metrics(str(path), 4, {"step": 4, "reward": 99})   # a logged line is never replaced
+    assert json.loads(path.read_text().splitlines()[-1])["reward"] == 0.4
+
+
+def make_checkpoint_dirs(root, steps, tmp=()):
+    for s in steps:
+        os.makedirs(root / "checkpoints" / f"step_{s:06d}")
+        (root / "checkpoints" / f"step_{s:06d}" / "train_state.json").write_text(json.dumps({"step": s}))
+    for s in tmp:
+        os.makedirs(root / "checkpoints" / f"step_{s:06d}.tmp")
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
+    import grpo
+    make_checkpoint_dirs(tmp_path, (2, 10, 4), tmp=(12,))
+    found = grpo.complete_checkpoints(str(tmp_path / "checkpoints"))
+    assert [s for s, _ in found] == [2, 4, 10]          # by step number, the half-written save ignored
+    assert [os.path.basename(p) for p in grpo.checkpoints_to_prune(found, 2)] == ["step_000002"]
+
+
+def test_no_resume_into_a_folder_with_another_run_is_refused(tmp_path):
+    import grpo
+    from convert import UserError
+    grpo.check_out_dir(str(tmp_path / "new"), resume=False)      # a fresh folder is fine
+    make_checkpoint_dirs(tmp_path, (20,))
+    grpo.check_out_dir(str(tmp_path), resume=True)               # resuming it is fine
+    with pytest.raises(UserError, match="step 20"):
+        grpo.check_out_dir(str(tmp_path), resume=False)
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
+    import grpo
+    from convert import UserError
+    os.makedirs(tmp_path / "final")
+    with pytest.raises(UserError, match="finished run"):
+        grpo.check_out_dir(str(tmp_path), resume=True)
+
+
+def test_no_resume_refusal_is_one_line_before_anything_starts(tiny_ckpts, tmp_path):
+    root = tiny_ckpts["root"]
+    make_checkpoint_dirs(tmp_path, (20,))
+    p = run_script("grpo.py", "--load", str(root / "mc_tied"), "--hf-dir", str(root / "hf_tied"), "--out", str(tmp_path),
+                   "--no-resume")
+    assert_one_line_error(p, str(tmp_path / "checkpoints"), "--no-resume")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000020"]
+
+
+def test_prompts_that_do_not_divide_over_data_parallel_ranks_are_refused():
+    import grpo
+    from convert import UserError
+    assert grpo.rollout_layout(64, 8, 2, 1) == (4, 4)             # 4 engines, 4 data-parallel ranks
+    assert grpo.rollout_layout(8, 8, 2, 2) == (4, 2)              # PP stages roll out as extra engines
+    with pytest.raises(UserError, match="multiple of 8"):
+        grpo.rollout_layout(12, 8, 1, 1)                           # 4 prompts would never be trained on
+    with pytest.raises(UserError, match="multiple of 8"):
+        grpo.rollout_layout(4, 8, 1, 1)                            # fewer prompts than ranks
+
+
+def test_check_flags_validates_the_layout_without_files_or_gpus():
+    p = run_script("grpo.py", "--check-flags", "--prompts-per-step", "12", env={"WORLD_SIZE": "8"})
+    assert_one_line_error(p, "--prompts-per-step 12", "multiple of 8")
+    p = run_script("grpo.py", "--check-flags", "--prompts-per-step", "16", "--tp", "2", env={"WORLD_SIZE": "8"})
+    assert p.returncode == 0 and "flags ok" in p.stdout, p.stderr
+    assert_one_line_error(run_script("grpo.py", "--check-flags", "--stepz", "3"), "--stepz")
+
+
+def test_gpu_out_of_memory_in_any_phase_is_one_line_naming_its_knobs(monkeypatch, capsys):
     import torch
     import grpo
-    e = grpo.out_of_memory_hint(RuntimeError("CUDA Error: out of memory at cumem_allocator.cpp:163"), "while waking vLLM")
-    assert "GPU out of memory while waking vLLM" in str(e) and "--gpu-memory-utilization" in str(e)
-    assert grpo.out_of_memory_hint(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "x") is not None
+
+    def run_out_of_memory(args):
+        grpo.enter_phase(args, 3, "update")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.35 GiB")
+    monkeypatch.setattr(grpo, "run", run_out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--benchmark", "0.5B"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "'update'" in err[0] and "--micro-batch-tokens" in err[0]
+    assert "--recompute full" in err[0]
+    assert grpo.out_of_memory_hint(RuntimeError("CUDA Error: out of memory at cumem_allocator.cpp:163"), "wake vLLM")
     assert grpo.out_of_memory_hint(ValueError("Free memory on device (3/79 GiB) on startup is less than desired GPU "
-                                              "memory utilization (0.9, 71 GiB)"), "x") is not None
-    assert grpo.out_of_memory_hint(KeyError("weights"), "x") is None
+                                              "memory utilization (0.9, 71 GiB)"), "start vLLM") is not None
+    assert grpo.out_of_memory_hint(KeyError("weights"), "update") is None
 
 
-def test_benchmark_mode_fixes_the_workload_and_needs_no_checkpoint():
+def test_other_errors_keep_their_traceback(monkeypatch):
+    import grpo
+
+    def broken(args):
+        raise KeyError("weights")
+    monkeypatch.setattr(grpo, "run", broken)
+    with pytest.raises(KeyError):
+        grpo.main(["--benchmark", "0.5B"])
+
+
+def test_benchmark_mode_runs_the_documented_workload_without_a_checkpoint():
+    """README: 128 prompts x 8 samples, 256-token prompts, exactly 1024 new tokens each, one warm-up
+    step, then --benchmark-steps timed steps; --benchmark-prompts scales the prompt count."""
     import grpo
     a = grpo.parse_args(["--benchmark", "0.5B", "--steps", "99", "--prompts-per-step", "2"])
     assert (a.prompts_per_step, a.n_samples_per_prompt, a.toy_prompt_len, a.max_len - a.toy_prompt_len) == (128, 8, 256, 1024)
-    assert a.steps == 4 and a.load is None and a.save_interval == 0 and not a.resume and a.out == "grpo-benchmark"
+    assert a.steps == 1 + a.benchmark_steps and a.load is None and a.save_interval == 0 and not a.resume
+    assert grpo.parse_args(["--benchmark", "7B", "--benchmark-prompts", "32"]).prompts_per_step == 32
 
 
 def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
@@ -740,12 +973,27 @@ def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
         (["--load", mc, "--hf-dir", str(root / "hf_untied")], ["another model", "tie_word_embeddings"]),
         (["--load", mc, "--hf-dir", hf, "--max-prompt-len", "4096"], ["--max-prompt-len"]),
         (["--load", mc, "--hf-dir", hf, "--kl-log-interval", "-1"], ["--kl-log-interval", ">= 0"]),
+        (["--load", mc, "--hf-dir", hf, "--micro-batch-tokens", "1000"], ["--micro-batch-tokens 1000", "--max-len 2048"]),
+        (["--load", mc, "--hf-dir", hf, "--temperature", "0"], ["--temperature must be > 0"]),
+        (["--load", mc, "--hf-dir", hf, "--mini-batches", "0"], ["--mini-batches must be >= 1"]),
+        (["--load", mc, "--hf-dir", hf, "--tis-cap", "0.5"], ["--tis-cap must be >= 1"]),
+        (["--load", mc, "--hf-dir", hf, "--clip-ratio-low", "1.5"], ["--clip-ratio-low must be < 1"]),
+        (["--load", mc, "--hf-dir", hf, "--overlong-buffer", "5000"], ["--overlong-buffer"]),
     ]
     for args, words in cases:
         assert_one_line_error(run_script("grpo.py", *args), *words)
     import torch
     if not torch.cuda.is_available():
         assert_one_line_error(run_script("grpo.py", "--load", mc, "--hf-dir", hf), "needs CUDA")
+
+
+def cpu_trainer_args(ckpt, hf_dir, *flags):
+    """grpo's arguments for a CPU trainer test: the memory settings that grpo.py's memory plan
+    would pick on a GPU are given explicitly (flags later in the list win)."""
+    import grpo
+    return grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--kl-log-interval", "0",
+                            "--micro-batch-tokens", "8192", "--recompute", "none", "--grad-reduce-dtype", "fp32",
+                            "--optimizer-cpu-offload", "0", *flags])
 
 
 def trainstep_main(argv):
@@ -755,7 +1003,7 @@ def trainstep_main(argv):
     import convert
     import grpo
     ckpt, hf_dir, out = argv[:3]
-    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--kl-log-interval", "0", *argv[3:]])
+    args = cpu_trainer_args(ckpt, hf_dir, *argv[3:])
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
     model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")   # loads args.load
@@ -766,18 +1014,18 @@ def trainstep_main(argv):
     # the same step twice from the same checkpoint: with a separate old-log-prob pass, and with
     # the default (old = the update's own forward, detached); they must land on the same weights
     twin, twin_opt = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
-    twin_stats = grpo.train_on_batch(twin, twin_opt, dict(batch), args)
+    twin_stats = grpo.train_on_batch(twin, twin_opt, dict(batch), args, random.Random(0))
     before = grpo.compute_logprobs(model, batch, args)
     batch["old_logp"] = before
-    stats = grpo.train_on_batch(model, optimizer, batch, args)
+    stats = grpo.train_on_batch(model, optimizer, batch, args, random.Random(0))
     after = grpo.compute_logprobs(model, batch, args)
     after_twin = grpo.compute_logprobs(twin, batch, args)
     # the reference: the same loss from the pure function on the same log-probs (ratio = 1)
-    ref_loss, ref_n, ref_stats = grpo.policy_loss(before, before, batch["advantages"], batch["mask"], args.clip_ratio)
+    ref_loss, ref_stats = grpo.policy_loss(before, before, batch["advantages"], batch["mask"])
     m = batch["mask"]
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:   # a last stage
         with open(out, "w") as f:
-            json.dump({"stats": stats, "ref_loss": float(ref_loss), "ref_tokens": float(ref_n),
+            json.dump({"stats": stats, "ref_loss": float(ref_loss), "ref_tokens": float(ref_stats["loss_tokens"]),
                        "ref_neg_logp": float(ref_stats["neg_logp"]), "twin_stats": twin_stats,
                        "ref_logp_diff": float(((before[0] + 1.0).abs() * m[0]).sum()),   # row 0 only
                        "twin_max_diff": float(((after_twin - after) * m).abs().max()),
@@ -1057,8 +1305,7 @@ def ckpt_main(argv):
     import grpo
     ckpt, hf_dir, out, result = argv[:4]
     dtype = torch.bfloat16 if "--bf16" in argv else torch.float32        # (a test flag, not grpo's)
-    args = grpo.parse_args(["--load", ckpt, "--hf-dir", hf_dir, "--lr", "1e-3", "--kl-log-interval", "0",
-                            *[a for a in argv[4:] if a != "--bf16"]])
+    args = cpu_trainer_args(ckpt, hf_dir, *[a for a in argv[4:] if a != "--bf16"])
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(args.tp, args.pp, use_cuda=False)
     model, optimizer = grpo.build_trainer(cfg, args, dtype=dtype, device="cpu")
@@ -1067,7 +1314,7 @@ def ckpt_main(argv):
     batch["old_logp"] = grpo.compute_logprobs(model, batch, args)
     root = os.path.join(out, "checkpoints")
     for step in (1, 2, 3):
-        grpo.train_on_batch(model, optimizer, batch, args)
+        grpo.train_on_batch(model, optimizer, batch, args, random.Random(step))
         grpo.save_checkpoint(root, step, model, optimizer, cfg, {"order": [3, 1, 2], "cursor": step * 8}, keep_last=2)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     saved_opt = optimizer_tensors(optimizer)
@@ -1082,8 +1329,8 @@ def ckpt_main(argv):
     b = optimizer_tensors(fresh_opt)
     same_opt = len(b) == len(saved_opt) and all(torch.equal(x, y) for x, y in zip(saved_opt, b))
     # one more identical update on both: the resumed trainer continues exactly
-    grpo.train_on_batch(model, optimizer, batch, args)
-    grpo.train_on_batch(fresh, fresh_opt, batch, args)
+    grpo.train_on_batch(model, optimizer, batch, args, random.Random(4))
+    grpo.train_on_batch(fresh, fresh_opt, batch, args, random.Random(4))
     same_next = all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result, "w") as f:
