@@ -1087,9 +1087,10 @@ def rollout_layout(prompts_per_step, world, tp, pp):
 # Bytes per token and layer that the local spec's layer keeps for its backward (bf16): counted
 # with torch.autograd.graph.saved_tensors_hooks on megatron-core 0.16.1's layer for all seven
 # Qwen2.5 shapes, and fitted by  30 h + 10 ffn + 8 kv  within 0.5% (h: hidden, kv: key/value
-# width = kv heads x head dim). The MLP dominates: its [2 ffn] input of the SwiGLU is kept
-# whole, and so are the SwiGLU's halves and product.
-ACT_BYTES = {"hidden": 30, "ffn": 10, "kv": 8}
+# width = kv heads x head dim). The MLP dominates: the SwiGLU keeps its [2 ffn] input, its
+# halves and their product. Under TP the MLP and attention heads are split over the ranks, but
+# what the norms and the residual stream keep (24 h of the 30 h) is whole on every rank.
+ACT_BYTES = {"hidden": 24, "hidden_split": 6, "ffn": 10, "kv": 8}
 # What the trainer's side holds besides tensors we count: the CUDA context, NCCL's buffers,
 # vLLM's CUDA graphs (they stay while the engine sleeps) and the allocator's slack. Calibrated on
 # the measured peaks in the README's memory table.
@@ -1113,6 +1114,13 @@ def params_per_rank(cfg, tp, pp):
     return layers + max(embedding, embedding + h)            # first stage: embedding; last: output layer
 
 
+def activation_bytes(cfg, tp):
+    """Bytes one layer keeps per token for its backward, without recompute (see ACT_BYTES)."""
+    h, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * convert.head_dim(cfg)
+    split = ACT_BYTES["hidden_split"] * h + ACT_BYTES["ffn"] * cfg["intermediate_size"] + ACT_BYTES["kv"] * kv
+    return ACT_BYTES["hidden"] * h + split / tp
+
+
 def memory_plan(cfg, tp, pp, dp, s):
     """Per-GPU bytes of each part, for the settings `s` (a namespace with micro_batch_tokens,
     logits_chunk_tokens, recompute, grad_reduce_dtype, optimizer_cpu_offload, ref (bool: a
@@ -1129,11 +1137,11 @@ def memory_plan(cfg, tp, pp, dp, s):
     full-length sequence, and how many run at once.
     """
     P = params_per_rank(cfg, tp, pp)
-    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    h = cfg["hidden_size"]
     kv = cfg["num_key_value_heads"] * convert.head_dim(cfg)
     layers = cfg["num_hidden_layers"] // pp
     T = s.micro_batch_tokens
-    per_token_layer = (ACT_BYTES["hidden"] * h + ACT_BYTES["ffn"] * f + ACT_BYTES["kv"] * kv) / tp
+    per_token_layer = activation_bytes(cfg, tp)
     in_flight = pp                      # 1F1B: the first stage holds up to pp micro batches
     if s.recompute == "full":           # each layer's input (bf16), plus one layer redone at a time
         activations = in_flight * T * layers * 2 * h + T * per_token_layer

@@ -750,6 +750,206 @@ def test_one_train_step_at_pp2_matches_pp1(tiny_ckpts, tmp_path):
     assert res[1]["stats"]["grad_norm"] == pytest.approx(res[0]["stats"]["grad_norm"], rel=1e-4)
 
 
+# Several GRPO switches, each on a fresh trainer from the same checkpoint, in one CPU process per
+# layout (see variants_main); the tests below read what it measured.
+@pytest.fixture(scope="module")
+def variants(tiny_ckpts, tmp_path_factory):
+    root, out = tiny_ckpts["root"], tmp_path_factory.mktemp("variants")
+    res = {}
+    for name, nproc, flags in (("tp1", 1, []), ("dp2", 2, []), ("tp2", 2, ["--tp", "2"])):
+        p = run_shimmed("variants", str(root / "mc_untied"), str(root / "hf_untied"), str(out / name), *flags, nproc=nproc)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res[name] = [json.loads((out / f"{name}.{r}.json").read_text()) for r in range(nproc)]
+    return res
+
+
+def job_loss(ranks, key):
+    """The batch loss as Megatron forms it: all ranks' weighted sums over all ranks' normalisers."""
+    return sum(r[key]["loss"] for r in ranks) / sum(r[key]["normaliser"] for r in ranks)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_loss_aggregation_is_exact_over_micro_batches_and_data_parallel_ranks(variants, agg):
+    one = variants["tp1"][0]
+    assert one[f"{agg}/one-mb"]["normaliser"] == {"token-mean": 10, "seq-mean-token-mean": 4,
+                                                  "seq-mean-token-sum-norm": 4 * 6}[agg]   # 10 tokens, 4 answers
+    ref_loss = one[f"{agg}/one-mb"]["loss"] / one[f"{agg}/one-mb"]["normaliser"]
+    ref_norm = one[f"{agg}/one-mb"]["grad_norm"]
+    assert job_loss([one], f"{agg}/row-mbs") == pytest.approx(ref_loss, rel=1e-5)
+    assert one[f"{agg}/row-mbs"]["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+    dp2 = variants["dp2"]                                                  # each rank trains on half the rows
+    assert job_loss(dp2, f"{agg}/row-mbs") == pytest.approx(ref_loss, rel=1e-5)
+    assert dp2[0][f"{agg}/row-mbs"]["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+
+
+def test_the_aggregations_weigh_long_and_short_answers_differently(variants):
+    one = variants["tp1"][0]
+    norms = {agg: one[f"{agg}/one-mb"]["grad_norm"]
+             for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")}
+    assert len({round(v, 6) for v in norms.values()}) == 3
+
+
+def test_chunked_log_probs_match_the_whole_micro_batch(variants):
+    for layout in ("tp1", "tp2"):
+        r = variants[layout][0]
+        assert r["chunk3"]["loss"] == pytest.approx(r["nochunk"]["loss"], rel=1e-5)
+        assert r["chunk3"]["grad_norm"] == pytest.approx(r["nochunk"]["grad_norm"], rel=1e-5)
+
+
+def test_entropy_matches_a_softmax_over_the_full_vocabulary(variants):
+    for layout in ("tp1", "tp2"):
+        r = variants[layout][0]
+        assert r["chunk3"]["entropy"] / r["chunk3"]["loss_tokens"] == pytest.approx(r["reference_entropy"], rel=1e-4)
+
+
+def test_several_updates_per_batch_make_the_clip_fire(variants):
+    r = variants["tp1"][0]
+    assert r["m2e2"]["optimizer_steps"] == 4 and r["nochunk"]["optimizer_steps"] == 1
+    assert r["m2e2"]["clip_frac"] > 0 and r["nochunk"]["clip_frac"] == 0     # one step: ratio 1, no clip
+
+
+def test_tis_weights_scale_each_token_by_the_capped_ratio(variants):
+    r = variants["tp1"][0]                           # vLLM said each token was half as likely: ratio 2, cap 1.5
+    assert r["tis"]["tis_weight"] / r["tis"]["loss_tokens"] == pytest.approx(1.5, rel=1e-5)
+    assert r["tis"]["loss"] == pytest.approx(1.5 * r["nochunk"]["loss"], rel=1e-5)
+
+
+def test_norms_and_biases_are_not_weight_decayed(variants):
+    r = variants["tp1"][0]["decay"]                  # zero advantages: only the weight decay acts
+    assert r["decayed"] and all(abs(f - 0.95) < 1e-6 for f in r["decayed"].values())   # lr 0.1 x wd 0.5
+    assert r["kept"] and all(r["kept"].values())     # RMSNorm weights and qkv biases unchanged
+
+
+def test_memory_plan_counts_the_parameters_each_rank_holds(variants):
+    for layout in ("tp1", "tp2"):
+        for rank in variants[layout]:
+            assert rank["params_held"] == pytest.approx(rank["params_planned"], rel=1e-9)
+
+
+def test_memory_plan_activation_bytes_match_what_the_layers_keep(variants):
+    for layout in ("tp1", "tp2"):
+        r = variants[layout][0]
+        assert r["act_measured"] == pytest.approx(r["act_planned"], rel=0.05), layout
+
+
+def plan_for(size, gpu_gib, *flags):
+    """grpo's memory plan of a Qwen2.5 size on one GPU; returns (plan, the settings it picked)."""
+    import grpo
+    import convert
+    args = grpo.parse_args(["--memory-plan", size, "--gpu-gib", str(gpu_gib), *flags])
+    plan = grpo.plan_and_pick_defaults(args, convert.qwen_config(size), 1, None, host_bytes=0)
+    return plan, plan["settings"]
+
+
+def test_memory_plan_turns_levers_on_only_as_the_gpu_gets_smaller():
+    big, s_big = plan_for("3B", 200)
+    assert s_big == {"micro_batch_tokens": 16384, "recompute": "none", "grad_reduce_dtype": "fp32",
+                     "optimizer_cpu_offload": 0.0}                         # nothing to trade on a big GPU
+    levers = []
+    for gib in (80, 60, 40, 30):
+        plan, s = plan_for("3B", gib)
+        assert plan["train_peak"] <= 0.9 * gib * 2**30                    # what the plan promises
+        levers.append((s["optimizer_cpu_offload"], s["grad_reduce_dtype"] == "bf16", s["recompute"] == "full",
+                       -s["micro_batch_tokens"]))
+    assert levers == sorted(levers) and levers[0] != levers[-1]            # ever more levers, never fewer
+
+
+def test_memory_plan_keeps_what_the_user_set():
+    _, s = plan_for("3B", 80, "--micro-batch-tokens", "16384", "--grad-reduce-dtype", "fp32")
+    assert s["micro_batch_tokens"] == 16384 and s["grad_reduce_dtype"] == "fp32" and s["recompute"] == "full"
+
+
+def test_a_layout_that_cannot_fit_is_refused_naming_one_that_does():
+    p = run_script("grpo.py", "--memory-plan", "72B", "--gpu-gib", "80")
+    assert_one_line_error(p, "TP 1 x PP 1 does not fit", "use --tp")
+    tp, pp = (int(x) for x in p.stderr.split("use --tp ")[1].split(" --pp ")[0:1] + [p.stderr.split(" --pp ")[1].split()[0]])
+    p = run_script("grpo.py", "--memory-plan", "72B", "--gpu-gib", "80", "--tp", str(tp), "--pp", str(pp),
+                   "--world-size", str(tp * pp))
+    assert p.returncode == 0 and "update peak" in p.stdout, p.stderr
+
+
+def variants_main(argv):
+    """`test_grpo.py variants CKPT HF_DIR OUT_PREFIX [flags]`: GRPO updates of a hand-made batch
+    (two prompts, two answers each, 1 to 4 response tokens) under several switches, each from a
+    fresh trainer; writes OUT_PREFIX.RANK.json. With DP 2 each rank takes half the rows."""
+    import math
+    import torch
+    import convert
+    import grpo
+    ckpt, hf_dir, out = argv[:3]
+    flags = ["--grad-clip", "1e9", *argv[3:]]             # clip never acts, but the norm is computed
+    cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
+    base = cpu_trainer_args(ckpt, hf_dir, *flags)
+    convert.init_distributed(base.tp, base.pp, use_cuda=False)
+    from megatron.core import parallel_state as ps
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    samples = [{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
+               {"prompt_ids": [5, 9, 3], "response_ids": [21], "advantage": -1.0},
+               {"prompt_ids": [7, 2], "response_ids": [31, 32], "advantage": 0.5},
+               {"prompt_ids": [7, 2], "response_ids": [41, 42, 43], "advantage": -0.5}]
+    mine = samples[dp_rank * 4 // dp:(dp_rank + 1) * 4 // dp]
+    res = {}
+
+    def update(key, extra, old_pass=False, rollout_shift=None):
+        args = cpu_trainer_args(ckpt, hf_dir, *flags, *extra)
+        model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+        batch = grpo.make_batch(mine)
+        if old_pass or rollout_shift is not None:
+            batch["old_logp"] = grpo.compute_logprobs(model, batch, args)
+        if rollout_shift is not None:                     # vLLM's log-probs, shifted by a known amount
+            batch["rollout_logp"] = batch["old_logp"] + rollout_shift
+            batch["has_rollout_logp"][:] = 1
+        res[key] = grpo.train_on_batch(model, optimizer, batch, args, random.Random(0))
+        return model, args
+
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        # norm_len 6 = max-len 9 - max-prompt-len 3 (the constant of Dr. GRPO)
+        common = ["--loss-agg", agg, "--max-len", "9", "--max-prompt-len", "3", "--micro-batch-tokens"]
+        update(f"{agg}/one-mb", common + ["64"])
+        update(f"{agg}/row-mbs", common + ["9"])          # rows of 4-7 tokens: one row per micro batch
+    model, args = update("nochunk", ["--logits-chunk-tokens", "0"])
+    update("chunk3", ["--logits-chunk-tokens", "3"])
+    update("m2e2", ["--mini-batches", "2", "--epochs", "2", "--lr", "0.05"], old_pass=True)
+    update("tis", ["--tis-cap", "1.5", "--logits-chunk-tokens", "0"], rollout_shift=-math.log(2.0))
+    # the entropy of the initial policy at the response positions, from plain full-vocabulary logits
+    fresh, _ = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    batch = grpo.make_batch(mine)
+    with torch.no_grad():
+        logits = fresh(batch["tokens"], torch.arange(batch["tokens"].shape[1]).expand_as(batch["tokens"]), None)
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+        logp = torch.log_softmax(gather_from_tensor_model_parallel_region(logits).float(), dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)
+    res["reference_entropy"] = float((ent * batch["mask"]).sum() / batch["mask"].sum())
+    res["params_held"] = sum(p.numel() for p in fresh.parameters())
+    res["params_planned"] = grpo.params_per_rank(cfg, args.tp, args.pp)
+    # weight decay alone: zero advantages, AdamW's decoupled decay p *= 1 - lr * wd
+    args = cpu_trainer_args(ckpt, hf_dir, *flags, "--lr", "0.1", "--weight-decay", "0.5")
+    model, optimizer = grpo.build_trainer(cfg, args, dtype=torch.float32, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    grpo.train_on_batch(model, optimizer, grpo.make_batch([dict(s, advantage=0.0) for s in mine]), args, random.Random(0))
+    after = dict(model.module.named_parameters())
+    res["decay"] = {"decayed": {n: float((after[n] / before[n]).median()) for n in before if before[n].dim() == 2},
+                    "kept": {n: bool(torch.equal(after[n], before[n])) for n in before
+                             if "norm" in n or n.endswith(".bias")}}
+    # activations kept for the backward, bytes per token and layer, against the plan's formula (bf16)
+    bf16, _ = grpo.build_trainer(cfg, args, dtype=torch.bfloat16, device="cpu")
+    params = {p.untyped_storage().data_ptr() for p in bf16.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    tokens = torch.randint(0, cfg["vocab_size"], (1, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        grpo.forward_hidden(bf16, tokens, torch.arange(64).unsqueeze(0))
+    res["act_measured"] = sum(saved.values()) / 64 / cfg["num_hidden_layers"]
+    res["act_planned"] = grpo.activation_bytes(cfg, args.tp)
+    with open(f"{out}.{torch.distributed.get_rank()}.json", "w") as f:
+        json.dump(res, f)
+    convert.shutdown_distributed()
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -1351,6 +1551,8 @@ def shim_main(argv):
         return trainstep_main(argv[1:])
     if argv[0] == "ckpt":
         return ckpt_main(argv[1:])
+    if argv[0] == "variants":
+        return variants_main(argv[1:])
     importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
 
 
