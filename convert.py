@@ -58,6 +58,13 @@ class UserError(Exception):
     """Bad input from the user: main() prints it as one line and exits 1."""
 
 
+# The RoPE base transformers' Qwen2Config takes when config.json names none
+# (RotaryEmbeddingConfigMixin.default_theta in transformers 5.24; Qwen2Config(rope_theta=10000.0)
+# in transformers 4). vLLM reads config.json through transformers, so our Megatron build must fall
+# back to the same number, not to Qwen2.5's 1e6: otherwise the two engines run different models.
+DEFAULT_ROPE_THETA = 10000.0
+
+
 def qwen_config(size):
     """The HF-style config dict of a Qwen2.5 size from the table."""
     layers, hidden, ffn, heads, kv, vocab, tied, eps = QWEN25[size]
@@ -67,11 +74,84 @@ def qwen_config(size):
             "rope_theta": 1000000.0, "max_position_embeddings": 32768, "hidden_act": "silu"}
 
 
+def rope_theta(cfg, path):
+    """The RoPE base of an HF Qwen2 config dict, read as transformers reads it.
+
+    transformers 4 writes a top-level `rope_theta` (and `rope_scaling`, null or a dict); transformers
+    5 writes `rope_parameters: {rope_theta, rope_type}` and no top-level key, and still reads both.
+    Our GPTModel (position_embedding_type="rope", rotary_base) computes plain RoPE only, so any
+    other rope type (yarn, linear, dynamic, llama3, longrope, ...) or extra parameter is refused:
+    vLLM would scale the frequencies and Megatron would not. Two different bases are refused too,
+    since which one wins depends on the reader (transformers 5 prefers the nested one).
+    Example: {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}} -> 10000.0
+    """
+    bases = {}
+    if cfg.get("rope_theta") is not None:
+        bases["rope_theta"] = cfg["rope_theta"]
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key)
+        if not rope:                  # null or {}: transformers ignores it too
+            continue
+        if not isinstance(rope, dict):
+            raise UserError(f"{path}: {key} must be a JSON object, not {json.dumps(rope)}")
+        kinds = {rope.get("rope_type", "default"), rope.get("type", "default")}
+        if kinds != {"default"} or set(rope) - {"rope_type", "type", "rope_theta"}:
+            raise UserError(f"{path}: {key} {json.dumps(rope)} is a RoPE variant our Megatron build does not "
+                            f"reproduce (only plain RoPE: rope_type default with a rope_theta)")
+        if rope.get("rope_theta") is not None:
+            bases[f"{key}.rope_theta"] = rope["rope_theta"]
+    for key, v in bases.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise UserError(f"{path}: {key} must be a positive number, not {json.dumps(v)}")
+    if len({float(v) for v in bases.values()}) > 1:
+        raise UserError(f"{path} names two RoPE bases ({', '.join(f'{k}={v}' for k, v in bases.items())}); "
+                        f"keep one")
+    return float(next(iter(bases.values()))) if bases else DEFAULT_ROPE_THETA
+
+
+def check_same_model_as_transformers(cfg, path):
+    """UserError for Qwen2 config fields that transformers (and vLLM, which reads config.json through
+    it) honour and our Megatron build (causal full attention, SwiGLU with silu, head dim =
+    hidden/heads) does not: the two engines would run different models, and the trainer's
+    vLLM-vs-Megatron log-probs would disagree for a reason no one sees.
+
+    Not checked, because it changes nothing: `attention_bias`. Qwen2 in transformers 5.24 and in vLLM
+    hard-codes bias=True on q/k/v and ignores the key; whether the biases exist is checked tensor by
+    tensor against the checkpoint (check_hf_tensors).
+    """
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: hidden_act={cfg['hidden_act']}; our Megatron build computes SwiGLU with silu only")
+    heads_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("head_dim") is not None and cfg["head_dim"] != heads_dim:
+        # transformers takes head_dim from the config; Megatron (kv_channels) and older vLLM
+        # releases take hidden_size / num_attention_heads
+        raise UserError(f"{path}: head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads="
+                        f"{heads_dim}; our Megatron build supports only the latter")
+    if cfg.get("is_causal") is False:
+        # vLLM turns a Qwen2 with is_causal=false into a bidirectional (embedding) model
+        raise UserError(f"{path}: is_causal=false (a bidirectional embedding model); GRPO needs a causal LM")
+    if cfg.get("use_sliding_window"):
+        # transformers: layers from max_window_layers on (or those layer_types names "sliding_attention")
+        # see only the last sliding_window tokens; Megatron attends to all. A window at least as long
+        # as any sequence the model takes (max_position_embeddings) is the same as no window.
+        window = cfg.get("sliding_window", 4096)
+        sliding = (cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"]
+                   or "sliding_attention" in (cfg.get("layer_types") or []))
+        if sliding and window is not None and window < cfg["max_position_embeddings"]:
+            raise UserError(f"{path}: use_sliding_window=true with sliding_window={window} < max_position_embeddings="
+                            f"{cfg['max_position_embeddings']}; our Megatron build has no sliding-window attention "
+                            f"(set use_sliding_window to false if the model was trained without it)")
+
+
 def resolve_config(model_size, config_json_path):
-    """The model shape: config.json checked against MODEL_SIZE's row of the table.
+    """The model config: config.json checked against MODEL_SIZE's row of the table and against
+    what our Megatron build reproduces, with the defaults transformers would take filled in.
 
     A mismatch is an error, not a warning: loading 7B weights into a 14B-shaped model would fail
     later with an opaque shape error, or worse, succeed on a tied/untied mix-up.
+    The result names its RoPE base once, as a top-level `rope_theta` (what transformers 4 and 5
+    both read): it is written as model_config.json and, by write_hf, as the export's config.json,
+    where a second copy under `rope_parameters` could disagree with it.
     """
     if not os.path.isfile(config_json_path):
         raise UserError(f"{config_json_path} not found; it must be an HF Qwen2 config.json")
@@ -80,10 +160,14 @@ def resolve_config(model_size, config_json_path):
     missing = [k for k in SHAPE_KEYS if k not in cfg and k != "tie_word_embeddings"]
     if missing:
         raise UserError(f"{config_json_path} lacks {', '.join(missing)}; is it a Qwen2 config?")
+    # the defaults of transformers' Qwen2Config, which vLLM gets for a key config.json leaves out
     cfg.setdefault("tie_word_embeddings", False)
     cfg.setdefault("rms_norm_eps", 1e-6)
-    cfg.setdefault("rope_theta", 1000000.0)
     cfg.setdefault("max_position_embeddings", 32768)
+    cfg["rope_theta"] = rope_theta(cfg, config_json_path)
+    cfg.pop("rope_parameters", None)
+    cfg.pop("rope_scaling", None)
+    check_same_model_as_transformers(cfg, config_json_path)
     if model_size != "custom":
         if model_size not in QWEN25:
             raise UserError(f"MODEL_SIZE {model_size} unknown; use one of {' '.join(QWEN25)} or custom")
@@ -161,7 +245,7 @@ def build_model(cfg, config):
         max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg["tie_word_embeddings"],
-        position_embedding_type="rope", rotary_base=int(cfg["rope_theta"]))
+        position_embedding_type="rope", rotary_base=cfg["rope_theta"])
     # The local spec's RMSNorm ignores params_dtype and keeps fp32 weights. One dtype for every
     # weight, as HF's and vLLM's bf16 models have (Megatron-LM gets it from its Float16Module):
     # the same numbers on both sides of the weight sync, and megatron-core 0.16's distributed

@@ -365,9 +365,11 @@ def run_shimmed(script, *args, nproc=1, timeout=600):
 
 
 def tiny_qwen_config(tied):
+    # RoPE base 10000, not Qwen2.5's 1e6 (convert.py's old fallback): a reader that misses the base
+    # builds Megatron with another one, and the logits tests show it.
     return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=128, hidden_size=48,
                 intermediate_size=64, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
                 tie_word_embeddings=tied, hidden_act="silu", torch_dtype="float32")
 
 
@@ -481,6 +483,8 @@ def tiny_ckpts(tmp_path_factory):
     for tied in (True, False):
         tag = "tied" if tied else "untied"
         model = make_tiny_hf(str(root / f"hf_{tag}"), tied, seed=2 if tied else 3)
+        saved = json.loads((root / f"hf_{tag}" / "config.json").read_text())
+        assert "rope_theta" not in saved and saved["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "default"}
         with torch.no_grad():
             torch.save(model(tokens).logits, root / f"ref_{tag}.pt")
         p = run_shimmed("convert.py", "custom", str(root / f"hf_{tag}"), str(root / f"mc_{tag}"), "false", "false", "fp32")
@@ -505,6 +509,8 @@ def test_hf_to_mcore_to_hf_round_trip_is_bit_exact(tiny_ckpts, tied):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_megatron_logits_match_transformers(tiny_ckpts, tied):
+    """The tiny models' config.json names their RoPE base (10000) only under `rope_parameters`, as
+    transformers 5 writes it: Megatron is built with that base, so fp32 logits agree."""
     import torch
     root, tag = tiny_ckpts["root"], "tied" if tied else "untied"
     out = root / f"logits_{tag}.pt"
@@ -580,6 +586,124 @@ def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
     p = run_script("convert.py", "custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "o"), "false", "false", "bf16")
     assert_one_line_error(p, "no CUDA GPU")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_rope_base_is_read_as_transformers_reads_it(tmp_path):
+    """vLLM reads config.json through transformers: convert.py must find the same RoPE base in
+    every layout, transformers 4's top-level `rope_theta`, transformers 5's `rope_parameters`, the
+    legacy `rope_scaling`, and none at all (transformers' default, not Qwen2.5's 1e6)."""
+    from transformers import Qwen2Config
+    import convert
+    qwen25_05b = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                  "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+                  "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+                  "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+                  "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+                  "use_sliding_window": False, "vocab_size": 151936}      # Qwen2.5-0.5B-Instruct's config.json
+    tiny = {k: v for k, v in tiny_qwen_config(True).items() if k != "rope_theta"}
+    layouts = {
+        "Qwen2.5-0.5B": (qwen25_05b, 1e6),
+        "transformers 4": (dict(tiny, rope_theta=5e5, rope_scaling=None), 5e5),
+        "transformers 5": (dict(tiny, rope_parameters={"rope_theta": 5e5, "rope_type": "default"}), 5e5),
+        "legacy rope_scaling": (dict(tiny, rope_theta=5e5, rope_scaling={"type": "default"}), 5e5),
+        "no base": (tiny, 10000.0),
+    }
+    for name, (cfg, base) in layouts.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        assert Qwen2Config.from_dict(dict(cfg)).rope_parameters["rope_theta"] == base, name   # what vLLM gets
+        assert convert.resolve_config("custom", str(path))["rope_theta"] == base, name
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},  # Qwen2.5's long context
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 10000.0}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+])
+def test_rope_other_than_plain_rope_is_refused(tmp_path, rope):
+    """Megatron's GPTModel with rotary_base computes plain RoPE; transformers and vLLM would scale it."""
+    import convert
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), **rope)))
+    with pytest.raises(convert.UserError, match="RoPE variant our Megatron build does not reproduce"):
+        convert.resolve_config("custom", str(path))
+
+
+def test_two_different_rope_bases_are_refused(tmp_path):
+    """transformers 5 takes the nested base over the top-level one; a reader that takes the other
+    would run another model: neither is guessed."""
+    import convert
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), rope_theta=1e6,
+                                    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})))
+    with pytest.raises(convert.UserError, match="two RoPE bases"):
+        convert.resolve_config("custom", str(path))
+
+
+@pytest.mark.parametrize("fields,words,harmless", [
+    # a window shorter than the sequences the model takes, and one no sequence reaches
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}, "sliding_window=64",
+     {"use_sliding_window": True, "sliding_window": 256, "max_window_layers": 2}),
+    ({"hidden_act": "gelu"}, "hidden_act=gelu", {"hidden_act": "silu"}),
+    ({"head_dim": 16}, "head_dim=16", {"head_dim": 8}),           # tiny: hidden 48 / 6 heads = 8
+    ({"is_causal": False}, "is_causal=false", {"is_causal": True}),
+])
+def test_config_fields_megatron_would_ignore_are_refused(tmp_path, fields, words, harmless):
+    """Fields transformers (and vLLM) honour for a Qwen2 and our Megatron build would not are
+    refused; the same fields with values that change nothing pass, and so does attention_bias,
+    which Qwen2 in transformers and vLLM ignores (q/k/v always have biases)."""
+    import convert
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), **fields)))
+    with pytest.raises(convert.UserError, match=words):
+        convert.resolve_config("custom", str(path))
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), attention_bias=False, **harmless)))
+    assert convert.resolve_config("custom", str(path))["hidden_size"] == 48
+
+
+def test_convert_refuses_scaled_rope_in_one_line_and_writes_nothing(tmp_path):
+    hf = tmp_path / "hf"
+    make_tiny_hf(str(hf), True)
+    cfg = json.loads((hf / "config.json").read_text())
+    for rope, words in ((dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+                         ["rope_scaling", "yarn"]),
+                        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+                         ["rope_parameters", "linear"])):
+        (hf / "config.json").write_text(json.dumps(dict(cfg, **rope)))
+        p = run_script("convert.py", "custom", str(hf), str(tmp_path / "mc"), "false", "false", "fp32")
+        assert_one_line_error(p, *words, "does not reproduce")
+        assert not os.path.exists(tmp_path / "mc") and not os.path.exists(tmp_path / "mc.tmp")
+
+
+def count_keys(obj, key):
+    """How many times `key` occurs as a dict key anywhere in a JSON value."""
+    if isinstance(obj, dict):
+        return sum((k == key) + count_keys(v, key) for k, v in obj.items())
+    return sum(count_keys(v, key) for v in obj) if isinstance(obj, list) else 0
+
+
+def test_hf_export_config_names_the_source_rope_base_once(tmp_path):
+    """The export's config.json (write_hf, from the resolved config) holds one RoPE base, and
+    transformers 5 reads it back as the source's base, for a source in either layout."""
+    from transformers import AutoConfig
+    import convert
+    t5 = tmp_path / "t5"
+    make_tiny_hf(str(t5), True)                                  # rope_parameters only
+    t4 = tmp_path / "t4"
+    t4.mkdir()
+    (t4 / "config.json").write_text(json.dumps(dict(tiny_qwen_config(True), rope_theta=5e5, rope_scaling=None)))
+    for src in (t5, t4):
+        out = tmp_path / f"{src.name}_export"
+        cfg = convert.resolve_config("custom", str(src / "config.json"))
+        convert.write_hf(iter(()), str(out), cfg, str(src), "fp32")
+        written = json.loads((out / "config.json").read_text())
+        assert count_keys(written, "rope_theta") == 1, written
+        want = AutoConfig.from_pretrained(src).rope_parameters["rope_theta"]
+        assert AutoConfig.from_pretrained(out).rope_parameters["rope_theta"] == want == (1e4 if src == t5 else 5e5)
 
 
 def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpts, tmp_path):
