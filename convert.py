@@ -607,8 +607,11 @@ def write_hf(tensors, save_dir, cfg, hf_dir, dtype_name, max_shard_bytes=5 * 2**
     with open(os.path.join(save_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(os.path.getsize(os.path.join(save_dir, v))
                                                   for v in set(index.values()))}, "weight_map": index}, f, indent=2)
-    out_cfg = dict(cfg)
-    out_cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name]
+    # One dtype key, naming the dtype written: transformers 5 saves `dtype`, and reads a `torch_dtype`
+    # next to it only when `dtype` is absent, so the source's `dtype: float32` would override ours.
+    # `torch_dtype` is the key both transformers 4 and 5 read.
+    out_cfg = {k: v for k, v in cfg.items() if k != "dtype"}
+    out_cfg["torch_dtype"] = DTYPES[dtype_name]
     with open(os.path.join(save_dir, "config.json"), "w") as f:
         json.dump(out_cfg, f, indent=2)
     for fname in TOKENIZER_FILES:

@@ -706,6 +706,20 @@ def test_hf_export_config_names_the_source_rope_base_once(tmp_path):
         assert AutoConfig.from_pretrained(out).rope_parameters["rope_theta"] == want == (1e4 if src == t5 else 5e5)
 
 
+def test_hf_export_config_names_the_written_dtype(tmp_path):
+    """transformers 5 saves `dtype`; the export of bf16 weights from an fp32 source must not keep
+    the source's `dtype: float32` next to its own `torch_dtype` (transformers reads `dtype` first)."""
+    import torch
+    from transformers import AutoConfig
+    import convert
+    src = tmp_path / "hf"
+    make_tiny_hf(str(src), True)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "float32"
+    convert.write_hf(iter(()), str(tmp_path / "out"), convert.resolve_config("custom", str(src / "config.json")),
+                     str(src), "bf16")
+    assert AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
 def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     out = tmp_path / "step.json"
