@@ -580,12 +580,36 @@ def check_hf_tensors(names, cfg, load_dir):
         raise UserError(f"{load_dir} has {len(unknown)} tensor(s) a Qwen2 model of this shape does not, e.g. {unknown[0]}")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "generation_config.json", "special_tokens_map.json", "added_tokens.json")
+# What write_hf does not copy from HF_DIR: the weights it writes itself (in any format: a stale
+# pytorch_model.bin next to our safetensors would be another model), and config.json, written
+# from the resolved config.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+
+
+def copy_hf_extras(hf_dir, save_dir):
+    """Copy every file of `hf_dir` but its weights and config.json into `save_dir`, as it is.
+
+    That is the tokenizer in whatever files the source keeps it (tokenizer.json, tokenizer_config.json,
+    vocab.json, merges.txt; the chat template in chat_template.jinja since transformers 5, and
+    additional_chat_templates/), generation_config.json (vLLM's default sampling parameters), the
+    license. A fixed list of names goes stale with each transformers release (ours missed
+    chat_template.jinja, and the export had no chat template); re-saving through AutoTokenizer
+    would rewrite the files in the installed transformers' format and drop what it does not know.
+    Hidden entries (.git, a hub client's .cache) are not part of the model.
+    """
+    for root, dirs, files in os.walk(hf_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(root, hf_dir)
+        for fname in sorted(files):
+            if fname.startswith(".") or fname.endswith(WEIGHT_SUFFIXES) or (rel == "." and fname == "config.json"):
+                continue
+            os.makedirs(os.path.join(save_dir, rel), exist_ok=True)
+            shutil.copy(os.path.join(root, fname), os.path.join(save_dir, rel, fname))
 
 
 def write_hf(tensors, save_dir, cfg, hf_dir, dtype_name, max_shard_bytes=5 * 2**30):
-    """Write (name, tensor) pairs as safetensors shards + index, config.json and tokenizer files."""
+    """Write (name, tensor) pairs as safetensors shards + index, config.json, and HF_DIR's other
+    files (tokenizer, chat template, generation config: copy_hf_extras)."""
     from safetensors.torch import save_file
     os.makedirs(save_dir, exist_ok=True)
     shard, size, index, n = {}, 0, {}, 0
@@ -614,9 +638,7 @@ def write_hf(tensors, save_dir, cfg, hf_dir, dtype_name, max_shard_bytes=5 * 2**
     out_cfg["torch_dtype"] = DTYPES[dtype_name]
     with open(os.path.join(save_dir, "config.json"), "w") as f:
         json.dump(out_cfg, f, indent=2)
-    for fname in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(hf_dir, fname)):
-            shutil.copy(os.path.join(hf_dir, fname), save_dir)
+    copy_hf_extras(hf_dir, save_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -720,6 +720,28 @@ def test_hf_export_config_names_the_written_dtype(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
 
 
+def test_hf_export_keeps_the_tokenizer_and_its_chat_template(tmp_path):
+    """transformers 5 keeps the chat template in chat_template.jinja: the export must carry it
+    (and every other tokenizer file), so the exported policy formats chats as the source did.
+    The source's weights and config.json are not copied: the export writes its own."""
+    from transformers import AutoTokenizer
+    import convert
+    src = tmp_path / "hf"
+    make_tiny_hf(str(src), True)
+    make_tiny_tokenizer(str(src), ["What is 2 + 2? The answer is \\boxed{4}."] * 20)
+    assert os.path.isfile(src / "chat_template.jinja")           # where transformers 5 saves the template
+    out = tmp_path / "out"
+    convert.write_hf(iter(()), str(out), convert.resolve_config("custom", str(src / "config.json")), str(src), "fp32")
+    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3 + 3?"}]
+    want = AutoTokenizer.from_pretrained(src).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    got = AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert got == want and want.endswith("<|im_start|>assistant\n")
+    source_files = set(os.listdir(src)) - {"config.json", "model.safetensors"}
+    assert source_files <= set(os.listdir(out)) and "model.safetensors" not in os.listdir(out)
+    assert all((out / f).read_bytes() == (src / f).read_bytes() for f in source_files)
+
+
 def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     out = tmp_path / "step.json"
