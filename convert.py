@@ -683,6 +683,29 @@ def shutdown_distributed():
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def staging_dir(save_dir):
+    """Where the output is written before it replaces SAVE_DIR in one rename (no half-written
+    checkpoint ever sits under SAVE_DIR's name)."""
+    return save_dir.rstrip("/") + ".tmp"
+
+
+def check_output_spares_input(save_dir, name, source):
+    """UserError when writing `save_dir` (or its staging folder) would delete or change `source`.
+
+    SAVE_DIR is replaced as a whole, so SAVE_DIR == LOAD_DIR, even with --force, would replace
+    the user's only checkpoint with its own conversion; a SAVE_DIR that contains LOAD_DIR deletes
+    it; one inside it writes into the source. Paths are compared resolved: a trailing slash, a
+    relative path or a symlink name the same folder.
+    """
+    src = os.path.realpath(source)
+    for what, target in (("SAVE_DIR", save_dir), ("SAVE_DIR's staging folder", staging_dir(save_dir))):
+        dst = os.path.realpath(target)
+        if os.path.commonpath([src, dst]) in (src, dst):
+            how = "is" if src == dst else "is inside" if os.path.commonpath([src, dst]) == src else "contains"
+            raise UserError(f"{what} {target} {how} {name} {source}: converting would overwrite the input; "
+                            f"choose a SAVE_DIR outside it")
+
+
 def parse_args(argv):
     p = one_line_errors(argparse.ArgumentParser(
         description="Convert Qwen2.5 checkpoints between HF and Megatron-Core (dist_checkpointing).",
@@ -710,6 +733,10 @@ def parse_args(argv):
         raise UserError("HF_DIR is required for Megatron -> HF (config.json and tokenizer are copied from it)")
     if not os.path.isdir(a.LOAD_DIR):
         raise UserError(f"LOAD_DIR {a.LOAD_DIR} does not exist")
+    # before the --force check, whose message would otherwise invite the user to overwrite the input
+    check_output_spares_input(a.SAVE_DIR, "LOAD_DIR", a.LOAD_DIR)
+    if a.MG2HF:
+        check_output_spares_input(a.SAVE_DIR, "HF_DIR", a.HF_DIR)
     if os.path.isdir(a.SAVE_DIR) and os.listdir(a.SAVE_DIR) and not a.force:
         raise UserError(f"SAVE_DIR {a.SAVE_DIR} exists and is not empty; pass --force to overwrite")
     if a.tp < 1 or a.pp < 1:
@@ -735,7 +762,7 @@ def convert(a):
                                                 perform_initialization=False))
     if a.USE_CUDA:
         model.cuda()
-    tmp = a.SAVE_DIR.rstrip("/") + ".tmp"
+    tmp = staging_dir(a.SAVE_DIR)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

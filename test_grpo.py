@@ -588,6 +588,37 @@ def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_convert_refuses_a_save_dir_that_is_inside_or_contains_its_input(tmp_path):
+    """SAVE_DIR is replaced as a whole: pointing it at the input, even through a trailing slash, a
+    relative path or a symlink, or at a folder inside or around it, would destroy the user's
+    checkpoint. With or without --force: one line, and the input is untouched."""
+    hf, mc = tmp_path / "outer" / "hf", tmp_path / "mc"
+    hf.mkdir(parents=True)
+    mc.mkdir()
+    (hf / "config.json").write_text(json.dumps(tiny_qwen_config(True)))
+    (hf / "model.safetensors").write_bytes(b"weights")
+    (mc / "metadata.json").write_text("{}")
+    (tmp_path / "link").symlink_to(hf)
+    before = {p: p.read_bytes() for p in (hf / "config.json", hf / "model.safetensors", mc / "metadata.json")}
+    force = "--force"
+    cases = [
+        ([str(hf), str(hf), "false"], "is LOAD_DIR"),                     # without --force: the old message
+        ([str(hf), str(hf), "false", force], "is LOAD_DIR"),              # invited the user to pass it
+        ([str(hf), str(hf) + "/", "false", force], "is LOAD_DIR"),
+        ([str(hf), os.path.relpath(hf, HERE), "false", force], "is LOAD_DIR"),   # run_script's cwd is HERE
+        ([str(hf), str(tmp_path / "link"), "false", force], "is LOAD_DIR"),
+        ([str(hf), str(hf / "mc"), "false", force], "is inside LOAD_DIR"),
+        ([str(hf), str(tmp_path / "outer"), "false", force], "contains LOAD_DIR"),
+        ([str(mc), str(hf), "true", force], "is HF_DIR"),                 # Megatron -> HF over its HF_DIR
+        ([str(mc), str(tmp_path / "outer"), "true", force], "contains HF_DIR"),
+    ]
+    for (load, save, mg2hf, *flags), words in cases:
+        p = run_script("convert.py", "custom", load, save, mg2hf, "false", "fp32", str(hf), *flags)
+        assert_one_line_error(p, words, "choose a SAVE_DIR outside it")
+        assert {p: p.read_bytes() for p in before} == before, save
+        assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"] and not os.path.exists(str(hf) + ".tmp")
+
+
 def test_rope_base_is_read_as_transformers_reads_it(tmp_path):
     """vLLM reads config.json through transformers: convert.py must find the same RoPE base in
     every layout, transformers 4's top-level `rope_theta`, transformers 5's `rope_parameters`, the
