@@ -10,6 +10,9 @@ Same positional arguments as the reference pipeline's hf2mcore_qwen2.5_convertor
     python convert.py 7B Qwen2.5-7B-Instruct-mcore Qwen2.5-7B-hf-out true true bf16 Qwen2.5-7B-Instruct
     # big models: shard the conversion over GPUs; every rank reads only its own slices
     torchrun --nproc_per_node 8 convert.py 72B Qwen2.5-72B-Instruct q72-mcore false true bf16 --tp 8
+    # on a host without GPUs: USE_CUDA=false, in CPU memory (processes talk through gloo)
+    python convert.py 7B Qwen2.5-7B-Instruct Qwen2.5-7B-Instruct-mcore false false bf16
+    torchrun --nproc_per_node 2 convert.py 7B Qwen2.5-7B-mcore Qwen2.5-7B-hf-out true false bf16 Qwen2.5-7B-Instruct --pp 2
 
 MODEL_SIZE is one of 0.5B 1.5B 3B 7B 14B 32B 72B (checked against config.json), or `custom` to
 take any Qwen2-shaped config.json as it is. The Megatron side is a `megatron.core.dist_checkpointing`
@@ -644,18 +647,45 @@ def write_hf(tensors, save_dir, cfg, hf_dir, dtype_name, max_shard_bytes=5 * 2**
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up shared with grpo.py
 # ----------------------------------------------------------------------------------------------
-def require_cuda_runtime():
-    """megatron-core's checkpoint writer and rotary embedding call CUDA even for CPU tensors."""
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU visible: megatron-core needs one even to convert "
-                        "(USE_CUDA=false still keeps the weights in CPU memory)")
+def megatron_on_cpu():
+    """Let megatron-core 0.16.1 build, load and save a model with every tensor in CPU memory and no
+    GPU at all (USE_CUDA=false: users convert on CPU hosts).
+
+    megatron-core calls CUDA in a few places even when no tensor is on a GPU; each is pointed at
+    the CPU here, process-wide (convert.py uses no CUDA of its own when USE_CUDA=false). Applied for
+    USE_CUDA=false whether or not the host has a GPU: one CPU path, the one the tests run.
+    """
+    # dist_checkpointing.save: state_dict_saver allocates its "a rank failed" flag on
+    # torch.cuda.current_device() (then broadcasts it over gloo).
+    torch.cuda.current_device = lambda: "cpu"
+    # dist_checkpointing.save: FileSystemWriterAsync.preload_tensors copies every tensor "to cpu"
+    # with non_blocking=True, then torch.cuda.synchronize() waits for copies that, here, are done.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # LanguageModule.setup_embeddings_and_output_layer: with tied embeddings and PP > 1 the last
+    # stage's copy of the embedding goes through `weight.data.cuda()` before the all-reduce that
+    # fills it from the first stage. On the CPU it stays where it is.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def free_port():
+    """A TCP port nobody listens on now: bind port 0, read the port the kernel gave, close it.
+    (Another process could take it before torch binds it again; the kernel hands out ephemeral
+    ports in turn, so that is unlikely, and the cost is one failed start, not a wrong result.)"""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(tp, pp, use_cuda):
     """torch.distributed + Megatron's TP/PP/DP groups. Works under torchrun or as one process."""
     from megatron.core import parallel_state as ps
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # One process, not started by torchrun: it meets only itself, so any free port will do, and
+        # a fixed one would make two conversions (or a conversion and a test) on one host collide.
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("MASTER_PORT", "29511")   # a launcher that sets WORLD_SIZE but no port
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -753,7 +783,10 @@ def convert(a):
     else:
         names, hf_get = hf_reader(a.LOAD_DIR)
         check_hf_tensors(names, cfg, a.LOAD_DIR)
-    require_cuda_runtime()
+    if a.USE_CUDA and not torch.cuda.is_available():
+        raise UserError("USE_CUDA=true but no CUDA GPU is visible; pass USE_CUDA=false to convert in CPU memory")
+    if not a.USE_CUDA:
+        megatron_on_cpu()
     init_distributed(a.tp, a.pp, a.USE_CUDA)
     rank = dist.get_rank()
     if dist.get_world_size() != a.tp * a.pp:

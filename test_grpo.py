@@ -323,16 +323,15 @@ def test_toy_reward_is_fraction_of_target_token():
 # convert.py
 # ==============================================================================================
 def cpu_shims():
-    """Let megatron-core 0.16.1 run on a CPU-only torch (tests only; the product expects CUDA).
-
-    Rotary embedding moves inv_freq to torch.cuda.current_device(); dist_checkpointing and the
-    pipeline schedules call torch.cuda.synchronize and allocate flags on "cuda"; convert.py
-    refuses to start without CUDA.
+    """Let megatron-core 0.16.1 train and run forwards on a CPU-only torch (tests only: the trainer
+    needs CUDA). convert.py's own CPU path (convert.megatron_on_cpu: torch.cuda.current_device,
+    synchronize, Tensor.cuda) comes first; on top of it what only forwards and updates need: the
+    rotary embedding moves inv_freq to torch.cuda.current_device() (-> "cpu" there), the pipeline
+    schedules and optimizers allocate flags on "cuda", Megatron's optimizers check param types.
     """
     import torch
     import convert
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
+    convert.megatron_on_cpu()
     # the schedules and the optimizers allocate flags with torch.zeros/tensor(..., device="cuda")
     for fn in ("zeros", "tensor", "empty", "ones"):
         def on_cpu(*a, _f=getattr(torch, fn), **k):
@@ -340,7 +339,6 @@ def cpu_shims():
                 k["device"] = "cpu"
             return _f(*a, **k)
         setattr(torch, fn, on_cpu)
-    torch.Tensor.cuda = lambda self, *a, **k: self   # tied embeddings + PP: the last stage's copy
     # megatron's mixed-precision and distributed optimizers accept only params whose type() is
     # torch.cuda.{BFloat16,Half,Float}Tensor: report CPU tensors under those names
     cpu_type = torch.Tensor.type
@@ -349,9 +347,17 @@ def cpu_shims():
         r = cpu_type(self, *a, **k)
         return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
     torch.Tensor.type = cuda_type_name
-    convert.require_cuda_runtime = lambda: None
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     initialize_rng_tracker(inference_rng_tracker=True)
+
+
+def torchrun(*args, nproc, env=None, timeout=600):
+    """`python -m torch.distributed.run --nproc_per_node NPROC ARGS` on a free rendezvous port, so
+    that test runs side by side on one host (or next to a user's job) never share one. Every
+    torchrun the tests start goes through here."""
+    import convert
+    return run_script("-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                      "--master_port", str(convert.free_port()), *args, env=env, timeout=timeout)
 
 
 def run_shimmed(script, *args, nproc=1, timeout=600):
@@ -359,9 +365,15 @@ def run_shimmed(script, *args, nproc=1, timeout=600):
     torchrun (gloo) when nproc > 1."""
     if nproc == 1:
         return run_script("test_grpo.py", script, *args, timeout=timeout)
-    port = str(29600 + os.getpid() % 300)
-    return run_script("-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-                      "test_grpo.py", script, *args, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+    return torchrun("test_grpo.py", script, *args, nproc=nproc, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def run_convert(*args, nproc=1, timeout=600):
+    """convert.py exactly as a user on a CPU host runs it (USE_CUDA=false among ARGS): `python
+    convert.py ARGS`, or under torchrun with gloo when nproc > 1. No test shim is involved."""
+    if nproc == 1:
+        return run_script("convert.py", *args, timeout=timeout)
+    return torchrun("convert.py", *args, nproc=nproc, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 def tiny_qwen_config(tied):
@@ -473,7 +485,9 @@ def test_hf_and_mcore_mappings_are_exact_inverses():
 
 @pytest.fixture(scope="module")
 def tiny_ckpts(tmp_path_factory):
-    """HF tiny models (tied and untied), their mcore conversions, a token batch and HF logits."""
+    """HF tiny models (tied and untied), their mcore conversions by the CLI on CPU, a token batch and
+    HF logits. The models are saved as transformers 5 saves them: the RoPE base only under
+    `rope_parameters`, no top-level `rope_theta`."""
     import torch
     root = tmp_path_factory.mktemp("convert")
     out = {"root": root}
@@ -487,7 +501,7 @@ def tiny_ckpts(tmp_path_factory):
         assert "rope_theta" not in saved and saved["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "default"}
         with torch.no_grad():
             torch.save(model(tokens).logits, root / f"ref_{tag}.pt")
-        p = run_shimmed("convert.py", "custom", str(root / f"hf_{tag}"), str(root / f"mc_{tag}"), "false", "false", "fp32")
+        p = run_convert("custom", str(root / f"hf_{tag}"), str(root / f"mc_{tag}"), "false", "false", "fp32")
         assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -496,7 +510,7 @@ def tiny_ckpts(tmp_path_factory):
 def test_hf_to_mcore_to_hf_round_trip_is_bit_exact(tiny_ckpts, tied):
     import torch
     root, tag = tiny_ckpts["root"], "tied" if tied else "untied"
-    p = run_shimmed("convert.py", "custom", str(root / f"mc_{tag}"), str(root / f"back_{tag}"), "true", "false", "fp32",
+    p = run_convert("custom", str(root / f"mc_{tag}"), str(root / f"back_{tag}"), "true", "false", "fp32",
                     str(root / f"hf_{tag}"))
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_safetensors_dir(root / f"hf_{tag}"), load_safetensors_dir(root / f"back_{tag}")
@@ -523,13 +537,14 @@ def test_megatron_logits_match_transformers(tiny_ckpts, tied):
 
 
 def test_tp2_conversion_and_tp2_pp2_logits_and_export_match(tiny_ckpts):
-    """HF -> mcore at TP=2 (2 gloo processes); that checkpoint gives the same logits at TP=2 and
-    at PP=2 (dist_checkpointing reshards), and exports back to HF bit-exactly at PP=2."""
+    """HF -> mcore at TP=2 (`torchrun convert.py`, 2 gloo processes on CPU); that checkpoint gives
+    the same logits at TP=2 and at PP=2 (dist_checkpointing reshards), and exports back to HF
+    bit-exactly at PP=2."""
     import torch
     root = tiny_ckpts["root"]
     for tag in ("tied", "untied"):
         hf, mc = root / f"hf_{tag}", root / f"mc_tp2_{tag}"
-        p = run_shimmed("convert.py", "custom", str(hf), str(mc), "false", "false", "fp32", "--tp", "2", nproc=2)
+        p = run_convert("custom", str(hf), str(mc), "false", "false", "fp32", "--tp", "2", nproc=2)
         assert p.returncode == 0, p.stderr[-3000:]
         ref = torch.load(root / f"ref_{tag}.pt")
         for tp, pp in ((2, 1), (1, 2)):
@@ -539,7 +554,7 @@ def test_tp2_conversion_and_tp2_pp2_logits_and_export_match(tiny_ckpts):
             assert p.returncode == 0, p.stderr[-3000:]
             assert (torch.load(out) - ref).abs().max() < 1e-4, (tag, tp, pp)
         back = root / f"back_pp2_{tag}"
-        p = run_shimmed("convert.py", "custom", str(mc), str(back), "true", "false", "fp32", str(hf), "--pp", "2", nproc=2)
+        p = run_convert("custom", str(mc), str(back), "true", "false", "fp32", str(hf), "--pp", "2", nproc=2)
         assert p.returncode == 0, p.stderr[-3000:]
         a, b = load_safetensors_dir(hf), load_safetensors_dir(back)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -579,13 +594,31 @@ def test_convert_bad_inputs_fail_with_one_line_and_write_nothing(tiny_ckpts, tmp
         assert not os.path.exists(target)
 
 
-def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
+def test_convert_with_use_cuda_true_and_no_gpu_is_one_line_error(tiny_ckpts, tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    p = run_script("convert.py", "custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "o"), "false", "false", "bf16")
-    assert_one_line_error(p, "no CUDA GPU")
+    p = run_convert("custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "o"), "false", "true", "bf16")
+    assert_one_line_error(p, "USE_CUDA=true", "USE_CUDA=false")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_single_process_conversion_needs_no_fixed_port(tiny_ckpts, tmp_path):
+    """One process outside torchrun rendezvous on a free port: with port 29511 (the old fixed one)
+    taken, the conversion still runs, as two conversions side by side on one host must."""
+    import socket
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 29511))
+        holder.listen()
+    except OSError:
+        pass                                   # someone else holds it already: just as good
+    try:
+        p = run_convert("custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "mc"), "false", "false", "fp32")
+    finally:
+        holder.close()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "mc" / "metadata.json")
 
 
 def test_convert_refuses_a_save_dir_that_is_inside_or_contains_its_input(tmp_path):
@@ -1079,11 +1112,11 @@ def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
     gpu_tiny_model(str(tmp_path / "hf"), vocab_size=64)
     p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
-                   "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--toy-token", "7",
-                   "--steps", "30", "--prompts-per-step", "32", "--n-samples-per-prompt", "8", "--max-len", "40",
-                   "--toy-prompt-len", "8", "--max-prompt-len", "8", "--lr", "1e-3", "--eval-interval", "0",
-                   "--gpu-memory-utilization", "0.3", timeout=900)
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc"),
+                 "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--toy-token", "7",
+                 "--steps", "30", "--prompts-per-step", "32", "--n-samples-per-prompt", "8", "--max-len", "40",
+                 "--toy-prompt-len", "8", "--max-prompt-len", "8", "--lr", "1e-3", "--eval-interval", "0",
+                 "--gpu-memory-utilization", "0.3", nproc=1, timeout=900)
     print(p.stdout[-6000:])
     assert p.returncode == 0, p.stderr[-5000:]
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
@@ -1124,11 +1157,11 @@ def test_gpu_qwen25_05b_shape_converts_and_runs_three_steps(tmp_path):
     diff = (torch.load(tmp_path / "logits.pt") - ref).abs().max().item()
     print(f"0.5B fp32 logits HF vs Megatron (GPU): max abs diff {diff:.2e}")
     assert diff < 1e-3
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc_bf16"),
-                   "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--model-size", "0.5B",
-                   "--toy-token", "7", "--steps", "3", "--prompts-per-step", "32", "--n-samples-per-prompt", "16",
-                   "--max-len", "1280", "--toy-prompt-len", "256", "--max-prompt-len", "256", "--eval-interval", "0",
-                   timeout=900)
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc_bf16"),
+                 "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--model-size", "0.5B",
+                 "--toy-token", "7", "--steps", "3", "--prompts-per-step", "32", "--n-samples-per-prompt", "16",
+                 "--max-len", "1280", "--toy-prompt-len", "256", "--max-prompt-len", "256", "--eval-interval", "0",
+                 nproc=1, timeout=900)
     print(p.stdout[-6000:])
     assert p.returncode == 0, p.stderr[-5000:]
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
@@ -1146,11 +1179,11 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
     gpu_tiny_model(str(tmp_path / "hf"), texts=texts * 5 + ["\\boxed{12} The answer is"] * 20)
     p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
-                   "--hf-dir", str(tmp_path / "hf"), "--data", data, "--out", str(tmp_path / "out"),
-                   "--steps", "2", "--prompts-per-step", "8", "--n-samples-per-prompt", "4", "--max-len", "256",
-                   "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "7",
-                   "--gpu-memory-utilization", "0.3", "--kl-log-interval", "2", timeout=900)
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc"),
+                 "--hf-dir", str(tmp_path / "hf"), "--data", data, "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--prompts-per-step", "8", "--n-samples-per-prompt", "4", "--max-len", "256",
+                 "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "7",
+                 "--gpu-memory-utilization", "0.3", "--kl-log-interval", "2", nproc=1, timeout=900)
     print(p.stdout[-4000:])
     assert p.returncode == 0, p.stderr[-5000:]
     assert "prompts: 20 train (0 dropped" in p.stdout
@@ -1174,12 +1207,13 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     prepare, convert, train; SIGKILL to the whole job during step 3; the rerun skips the done
     steps, resumes after step 2, finishes step 4, exports to HF, and vLLM loads the export."""
     import signal
+    import convert
     texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
     model_dir = str(tmp_path / "model")
     gpu_tiny_model(model_dir, texts=texts * 5)
     ck = tmp_path / "ck"
     settings = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
-                    MASTER_PORT="29517", PYTHONUNBUFFERED="1")
+                    MASTER_PORT=str(convert.free_port()), PYTHONUNBUFFERED="1")
     flags = ["--steps", "4", "--save-interval", "1", "--keep-last", "2", "--prompts-per-step", "8",
              "--n-samples-per-prompt", "4", "--max-len", "256", "--max-prompt-len", "128", "--eval-interval", "0",
              "--gpu-memory-utilization", "0.3"]
