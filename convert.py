@@ -19,6 +19,11 @@ take any Qwen2-shaped config.json as it is. The Megatron side is a `megatron.cor
 checkpoint: its tensors are stored unsharded, so one written at TP1/PP1 loads at TP4/PP2 and
 back. Next to it we write `model_config.json` (the shape) so later steps can check it.
 
+Megatron -> HF writes the weights, a config.json with the dtype written and one RoPE base, and
+every other file of HF_DIR as it is (tokenizer, chat template, generation config).
+SAVE_DIR is written under SAVE_DIR.tmp, then renamed; it may not be, contain or sit inside
+LOAD_DIR or HF_DIR, --force or not.
+
 The mapping (`hf_to_mcore`, `mcore_to_hf`, `tp_shard`, `tp_gather`) is the teaching core of this
 file, and grpo.py imports it to stream trained weights into vLLM: there is one copy of it.
 """
