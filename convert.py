@@ -10,11 +10,19 @@ Same positional arguments as the reference pipeline's hf2mcore_qwen2.5_convertor
     python convert.py 7B Qwen2.5-7B-Instruct-mcore Qwen2.5-7B-hf-out true true bf16 Qwen2.5-7B-Instruct
     # big models: shard the conversion over GPUs; every rank reads only its own slices
     torchrun --nproc_per_node 8 convert.py 72B Qwen2.5-72B-Instruct q72-mcore false true bf16 --tp 8
+    # on a host without GPUs: USE_CUDA=false, in CPU memory (processes talk through gloo)
+    python convert.py 7B Qwen2.5-7B-Instruct Qwen2.5-7B-Instruct-mcore false false bf16
+    torchrun --nproc_per_node 2 convert.py 7B Qwen2.5-7B-mcore Qwen2.5-7B-hf-out true false bf16 Qwen2.5-7B-Instruct --pp 2
 
 MODEL_SIZE is one of 0.5B 1.5B 3B 7B 14B 32B 72B (checked against config.json), or `custom` to
 take any Qwen2-shaped config.json as it is. The Megatron side is a `megatron.core.dist_checkpointing`
 checkpoint: its tensors are stored unsharded, so one written at TP1/PP1 loads at TP4/PP2 and
 back. Next to it we write `model_config.json` (the shape) so later steps can check it.
+
+Megatron -> HF writes the weights, a config.json with the dtype written and one RoPE base, and
+every other file of HF_DIR as it is (tokenizer, chat template, generation config).
+SAVE_DIR is written under SAVE_DIR.tmp, then renamed; it may not be, contain or sit inside
+LOAD_DIR or HF_DIR, --force or not.
 
 The mapping (`hf_to_mcore`, `mcore_to_hf`, `tp_shard`, `tp_gather`) is the teaching core of this
 file, and grpo.py imports it to stream trained weights into vLLM: there is one copy of it.
@@ -58,6 +66,13 @@ class UserError(Exception):
     """Bad input from the user: main() prints it as one line and exits 1."""
 
 
+# The RoPE base transformers' Qwen2Config takes when config.json names none
+# (RotaryEmbeddingConfigMixin.default_theta in transformers 5.24; Qwen2Config(rope_theta=10000.0)
+# in transformers 4). vLLM reads config.json through transformers, so our Megatron build must fall
+# back to the same number, not to Qwen2.5's 1e6: otherwise the two engines run different models.
+DEFAULT_ROPE_THETA = 10000.0
+
+
 def qwen_config(size):
     """The HF-style config dict of a Qwen2.5 size from the table."""
     layers, hidden, ffn, heads, kv, vocab, tied, eps = QWEN25[size]
@@ -67,11 +82,84 @@ def qwen_config(size):
             "rope_theta": 1000000.0, "max_position_embeddings": 32768, "hidden_act": "silu"}
 
 
+def rope_theta(cfg, path):
+    """The RoPE base of an HF Qwen2 config dict, read as transformers reads it.
+
+    transformers 4 writes a top-level `rope_theta` (and `rope_scaling`, null or a dict); transformers
+    5 writes `rope_parameters: {rope_theta, rope_type}` and no top-level key, and still reads both.
+    Our GPTModel (position_embedding_type="rope", rotary_base) computes plain RoPE only, so any
+    other rope type (yarn, linear, dynamic, llama3, longrope, ...) or extra parameter is refused:
+    vLLM would scale the frequencies and Megatron would not. Two different bases are refused too,
+    since which one wins depends on the reader (transformers 5 prefers the nested one).
+    Example: {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}} -> 10000.0
+    """
+    bases = {}
+    if cfg.get("rope_theta") is not None:
+        bases["rope_theta"] = cfg["rope_theta"]
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key)
+        if not rope:                  # null or {}: transformers ignores it too
+            continue
+        if not isinstance(rope, dict):
+            raise UserError(f"{path}: {key} must be a JSON object, not {json.dumps(rope)}")
+        kinds = {rope.get("rope_type", "default"), rope.get("type", "default")}
+        if kinds != {"default"} or set(rope) - {"rope_type", "type", "rope_theta"}:
+            raise UserError(f"{path}: {key} {json.dumps(rope)} is a RoPE variant our Megatron build does not "
+                            f"reproduce (only plain RoPE: rope_type default with a rope_theta)")
+        if rope.get("rope_theta") is not None:
+            bases[f"{key}.rope_theta"] = rope["rope_theta"]
+    for key, v in bases.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise UserError(f"{path}: {key} must be a positive number, not {json.dumps(v)}")
+    if len({float(v) for v in bases.values()}) > 1:
+        raise UserError(f"{path} names two RoPE bases ({', '.join(f'{k}={v}' for k, v in bases.items())}); "
+                        f"keep one")
+    return float(next(iter(bases.values()))) if bases else DEFAULT_ROPE_THETA
+
+
+def check_same_model_as_transformers(cfg, path):
+    """UserError for Qwen2 config fields that transformers (and vLLM, which reads config.json through
+    it) honour and our Megatron build (causal full attention, SwiGLU with silu, head dim =
+    hidden/heads) does not: the two engines would run different models, and the trainer's
+    vLLM-vs-Megatron log-probs would disagree for a reason no one sees.
+
+    Not checked, because it changes nothing: `attention_bias`. Qwen2 in transformers 5.24 and in vLLM
+    hard-codes bias=True on q/k/v and ignores the key; whether the biases exist is checked tensor by
+    tensor against the checkpoint (check_hf_tensors).
+    """
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: hidden_act={cfg['hidden_act']}; our Megatron build computes SwiGLU with silu only")
+    heads_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("head_dim") is not None and cfg["head_dim"] != heads_dim:
+        # transformers takes head_dim from the config; Megatron (kv_channels) and older vLLM
+        # releases take hidden_size / num_attention_heads
+        raise UserError(f"{path}: head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads="
+                        f"{heads_dim}; our Megatron build supports only the latter")
+    if cfg.get("is_causal") is False:
+        # vLLM turns a Qwen2 with is_causal=false into a bidirectional (embedding) model
+        raise UserError(f"{path}: is_causal=false (a bidirectional embedding model); GRPO needs a causal LM")
+    if cfg.get("use_sliding_window"):
+        # transformers: layers from max_window_layers on (or those layer_types names "sliding_attention")
+        # see only the last sliding_window tokens; Megatron attends to all. A window at least as long
+        # as any sequence the model takes (max_position_embeddings) is the same as no window.
+        window = cfg.get("sliding_window", 4096)
+        sliding = (cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"]
+                   or "sliding_attention" in (cfg.get("layer_types") or []))
+        if sliding and window is not None and window < cfg["max_position_embeddings"]:
+            raise UserError(f"{path}: use_sliding_window=true with sliding_window={window} < max_position_embeddings="
+                            f"{cfg['max_position_embeddings']}; our Megatron build has no sliding-window attention "
+                            f"(set use_sliding_window to false if the model was trained without it)")
+
+
 def resolve_config(model_size, config_json_path):
-    """The model shape: config.json checked against MODEL_SIZE's row of the table.
+    """The model config: config.json checked against MODEL_SIZE's row of the table and against
+    what our Megatron build reproduces, with the defaults transformers would take filled in.
 
     A mismatch is an error, not a warning: loading 7B weights into a 14B-shaped model would fail
     later with an opaque shape error, or worse, succeed on a tied/untied mix-up.
+    The result names its RoPE base once, as a top-level `rope_theta` (what transformers 4 and 5
+    both read): it is written as model_config.json and, by write_hf, as the export's config.json,
+    where a second copy under `rope_parameters` could disagree with it.
     """
     if not os.path.isfile(config_json_path):
         raise UserError(f"{config_json_path} not found; it must be an HF Qwen2 config.json")
@@ -80,10 +168,14 @@ def resolve_config(model_size, config_json_path):
     missing = [k for k in SHAPE_KEYS if k not in cfg and k != "tie_word_embeddings"]
     if missing:
         raise UserError(f"{config_json_path} lacks {', '.join(missing)}; is it a Qwen2 config?")
+    # the defaults of transformers' Qwen2Config, which vLLM gets for a key config.json leaves out
     cfg.setdefault("tie_word_embeddings", False)
     cfg.setdefault("rms_norm_eps", 1e-6)
-    cfg.setdefault("rope_theta", 1000000.0)
     cfg.setdefault("max_position_embeddings", 32768)
+    cfg["rope_theta"] = rope_theta(cfg, config_json_path)
+    cfg.pop("rope_parameters", None)
+    cfg.pop("rope_scaling", None)
+    check_same_model_as_transformers(cfg, config_json_path)
     if model_size != "custom":
         if model_size not in QWEN25:
             raise UserError(f"MODEL_SIZE {model_size} unknown; use one of {' '.join(QWEN25)} or custom")
@@ -161,7 +253,7 @@ def build_model(cfg, config):
         max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg["tie_word_embeddings"],
-        position_embedding_type="rope", rotary_base=int(cfg["rope_theta"]))
+        position_embedding_type="rope", rotary_base=cfg["rope_theta"])
     # The local spec's RMSNorm ignores params_dtype and keeps fp32 weights. One dtype for every
     # weight, as HF's and vLLM's bf16 models have (Megatron-LM gets it from its Float16Module):
     # the same numbers on both sides of the weight sync, and megatron-core 0.16's distributed
@@ -496,12 +588,36 @@ def check_hf_tensors(names, cfg, load_dir):
         raise UserError(f"{load_dir} has {len(unknown)} tensor(s) a Qwen2 model of this shape does not, e.g. {unknown[0]}")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "generation_config.json", "special_tokens_map.json", "added_tokens.json")
+# What write_hf does not copy from HF_DIR: the weights it writes itself (in any format: a stale
+# pytorch_model.bin next to our safetensors would be another model), and config.json, written
+# from the resolved config.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+
+
+def copy_hf_extras(hf_dir, save_dir):
+    """Copy every file of `hf_dir` but its weights and config.json into `save_dir`, as it is.
+
+    That is the tokenizer in whatever files the source keeps it (tokenizer.json, tokenizer_config.json,
+    vocab.json, merges.txt; the chat template in chat_template.jinja since transformers 5, and
+    additional_chat_templates/), generation_config.json (vLLM's default sampling parameters), the
+    license. A fixed list of names goes stale with each transformers release (ours missed
+    chat_template.jinja, and the export had no chat template); re-saving through AutoTokenizer
+    would rewrite the files in the installed transformers' format and drop what it does not know.
+    Hidden entries (.git, a hub client's .cache) are not part of the model.
+    """
+    for root, dirs, files in os.walk(hf_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(root, hf_dir)
+        for fname in sorted(files):
+            if fname.startswith(".") or fname.endswith(WEIGHT_SUFFIXES) or (rel == "." and fname == "config.json"):
+                continue
+            os.makedirs(os.path.join(save_dir, rel), exist_ok=True)
+            shutil.copy(os.path.join(root, fname), os.path.join(save_dir, rel, fname))
 
 
 def write_hf(tensors, save_dir, cfg, hf_dir, dtype_name, max_shard_bytes=5 * 2**30):
-    """Write (name, tensor) pairs as safetensors shards + index, config.json and tokenizer files."""
+    """Write (name, tensor) pairs as safetensors shards + index, config.json, and HF_DIR's other
+    files (tokenizer, chat template, generation config: copy_hf_extras)."""
     from safetensors.torch import save_file
     os.makedirs(save_dir, exist_ok=True)
     shard, size, index, n = {}, 0, {}, 0
@@ -523,30 +639,58 @@ def write_hf(tensors, save_dir, cfg, hf_dir, dtype_name, max_shard_bytes=5 * 2**
     with open(os.path.join(save_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(os.path.getsize(os.path.join(save_dir, v))
                                                   for v in set(index.values()))}, "weight_map": index}, f, indent=2)
-    out_cfg = dict(cfg)
-    out_cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name]
+    # One dtype key, naming the dtype written: transformers 5 saves `dtype`, and reads a `torch_dtype`
+    # next to it only when `dtype` is absent, so the source's `dtype: float32` would override ours.
+    # `torch_dtype` is the key both transformers 4 and 5 read.
+    out_cfg = {k: v for k, v in cfg.items() if k != "dtype"}
+    out_cfg["torch_dtype"] = DTYPES[dtype_name]
     with open(os.path.join(save_dir, "config.json"), "w") as f:
         json.dump(out_cfg, f, indent=2)
-    for fname in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(hf_dir, fname)):
-            shutil.copy(os.path.join(hf_dir, fname), save_dir)
+    copy_hf_extras(hf_dir, save_dir)
 
 
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up shared with grpo.py
 # ----------------------------------------------------------------------------------------------
-def require_cuda_runtime():
-    """megatron-core's checkpoint writer and rotary embedding call CUDA even for CPU tensors."""
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU visible: megatron-core needs one even to convert "
-                        "(USE_CUDA=false still keeps the weights in CPU memory)")
+def megatron_on_cpu():
+    """Let megatron-core 0.16.1 build, load and save a model with every tensor in CPU memory and no
+    GPU at all (USE_CUDA=false: users convert on CPU hosts).
+
+    megatron-core calls CUDA in a few places even when no tensor is on a GPU; each is pointed at
+    the CPU here, process-wide (convert.py uses no CUDA of its own when USE_CUDA=false). Applied for
+    USE_CUDA=false whether or not the host has a GPU: one CPU path, the one the tests run.
+    """
+    # dist_checkpointing.save: state_dict_saver allocates its "a rank failed" flag on
+    # torch.cuda.current_device() (then broadcasts it over gloo).
+    torch.cuda.current_device = lambda: "cpu"
+    # dist_checkpointing.save: FileSystemWriterAsync.preload_tensors copies every tensor "to cpu"
+    # with non_blocking=True, then torch.cuda.synchronize() waits for copies that, here, are done.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # LanguageModule.setup_embeddings_and_output_layer: with tied embeddings and PP > 1 the last
+    # stage's copy of the embedding goes through `weight.data.cuda()` before the all-reduce that
+    # fills it from the first stage. On the CPU it stays where it is.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def free_port():
+    """A TCP port nobody listens on now: bind port 0, read the port the kernel gave, close it.
+    (Another process could take it before torch binds it again; the kernel hands out ephemeral
+    ports in turn, so that is unlikely, and the cost is one failed start, not a wrong result.)"""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(tp, pp, use_cuda):
     """torch.distributed + Megatron's TP/PP/DP groups. Works under torchrun or as one process."""
     from megatron.core import parallel_state as ps
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # One process, not started by torchrun: it meets only itself, so any free port will do, and
+        # a fixed one would make two conversions (or a conversion and a test) on one host collide.
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("MASTER_PORT", "29511")   # a launcher that sets WORLD_SIZE but no port
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -572,6 +716,29 @@ def shutdown_distributed():
 # Main
 # ----------------------------------------------------------------------------------------------
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def staging_dir(save_dir):
+    """Where the output is written before it replaces SAVE_DIR in one rename (no half-written
+    checkpoint ever sits under SAVE_DIR's name)."""
+    return save_dir.rstrip("/") + ".tmp"
+
+
+def check_output_spares_input(save_dir, name, source):
+    """UserError when writing `save_dir` (or its staging folder) would delete or change `source`.
+
+    SAVE_DIR is replaced as a whole, so SAVE_DIR == LOAD_DIR, even with --force, would replace
+    the user's only checkpoint with its own conversion; a SAVE_DIR that contains LOAD_DIR deletes
+    it; one inside it writes into the source. Paths are compared resolved: a trailing slash, a
+    relative path or a symlink name the same folder.
+    """
+    src = os.path.realpath(source)
+    for what, target in (("SAVE_DIR", save_dir), ("SAVE_DIR's staging folder", staging_dir(save_dir))):
+        dst = os.path.realpath(target)
+        if os.path.commonpath([src, dst]) in (src, dst):
+            how = "is" if src == dst else "is inside" if os.path.commonpath([src, dst]) == src else "contains"
+            raise UserError(f"{what} {target} {how} {name} {source}: converting would overwrite the input; "
+                            f"choose a SAVE_DIR outside it")
 
 
 def parse_args(argv):
@@ -601,6 +768,10 @@ def parse_args(argv):
         raise UserError("HF_DIR is required for Megatron -> HF (config.json and tokenizer are copied from it)")
     if not os.path.isdir(a.LOAD_DIR):
         raise UserError(f"LOAD_DIR {a.LOAD_DIR} does not exist")
+    # before the --force check, whose message would otherwise invite the user to overwrite the input
+    check_output_spares_input(a.SAVE_DIR, "LOAD_DIR", a.LOAD_DIR)
+    if a.MG2HF:
+        check_output_spares_input(a.SAVE_DIR, "HF_DIR", a.HF_DIR)
     if os.path.isdir(a.SAVE_DIR) and os.listdir(a.SAVE_DIR) and not a.force:
         raise UserError(f"SAVE_DIR {a.SAVE_DIR} exists and is not empty; pass --force to overwrite")
     if a.tp < 1 or a.pp < 1:
@@ -617,7 +788,10 @@ def convert(a):
     else:
         names, hf_get = hf_reader(a.LOAD_DIR)
         check_hf_tensors(names, cfg, a.LOAD_DIR)
-    require_cuda_runtime()
+    if a.USE_CUDA and not torch.cuda.is_available():
+        raise UserError("USE_CUDA=true but no CUDA GPU is visible; pass USE_CUDA=false to convert in CPU memory")
+    if not a.USE_CUDA:
+        megatron_on_cpu()
     init_distributed(a.tp, a.pp, a.USE_CUDA)
     rank = dist.get_rank()
     if dist.get_world_size() != a.tp * a.pp:
@@ -626,7 +800,7 @@ def convert(a):
                                                 perform_initialization=False))
     if a.USE_CUDA:
         model.cuda()
-    tmp = a.SAVE_DIR.rstrip("/") + ".tmp"
+    tmp = staging_dir(a.SAVE_DIR)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

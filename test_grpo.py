@@ -438,16 +438,15 @@ def test_toy_reward_is_fraction_of_target_token():
 # convert.py
 # ==============================================================================================
 def cpu_shims():
-    """Let megatron-core 0.16.1 run on a CPU-only torch (tests only; the product expects CUDA).
-
-    Rotary embedding moves inv_freq to torch.cuda.current_device(); dist_checkpointing and the
-    pipeline schedules call torch.cuda.synchronize and allocate flags on "cuda"; convert.py
-    refuses to start without CUDA.
+    """Let megatron-core 0.16.1 train and run forwards on a CPU-only torch (tests only: the trainer
+    needs CUDA). convert.py's own CPU path (convert.megatron_on_cpu: torch.cuda.current_device,
+    synchronize, Tensor.cuda) comes first; on top of it what only forwards and updates need: the
+    rotary embedding moves inv_freq to torch.cuda.current_device() (-> "cpu" there), the pipeline
+    schedules and optimizers allocate flags on "cuda", Megatron's optimizers check param types.
     """
     import torch
     import convert
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
+    convert.megatron_on_cpu()
     # the schedules and the optimizers allocate flags with torch.zeros/tensor(..., device="cuda")
     for fn in ("zeros", "tensor", "empty", "ones"):
         def on_cpu(*a, _f=getattr(torch, fn), **k):
@@ -455,7 +454,6 @@ def cpu_shims():
                 k["device"] = "cpu"
             return _f(*a, **k)
         setattr(torch, fn, on_cpu)
-    torch.Tensor.cuda = lambda self, *a, **k: self   # tied embeddings + PP: the last stage's copy
     # megatron's mixed-precision and distributed optimizers accept only params whose type() is
     # torch.cuda.{BFloat16,Half,Float}Tensor: report CPU tensors under those names
     cpu_type = torch.Tensor.type
@@ -464,9 +462,17 @@ def cpu_shims():
         r = cpu_type(self, *a, **k)
         return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
     torch.Tensor.type = cuda_type_name
-    convert.require_cuda_runtime = lambda: None
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     initialize_rng_tracker(inference_rng_tracker=True)
+
+
+def torchrun(*args, nproc, env=None, timeout=600):
+    """`python -m torch.distributed.run --nproc_per_node NPROC ARGS` on a free rendezvous port, so
+    that test runs side by side on one host (or next to a user's job) never share one. Every
+    torchrun the tests start goes through here."""
+    import convert
+    return run_script("-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                      "--master_port", str(convert.free_port()), *args, env=env, timeout=timeout)
 
 
 def run_shimmed(script, *args, nproc=1, timeout=600):
@@ -474,15 +480,23 @@ def run_shimmed(script, *args, nproc=1, timeout=600):
     torchrun (gloo) when nproc > 1."""
     if nproc == 1:
         return run_script("test_grpo.py", script, *args, timeout=timeout)
-    port = str(29600 + os.getpid() % 300)
-    return run_script("-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-                      "test_grpo.py", script, *args, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+    return torchrun("test_grpo.py", script, *args, nproc=nproc, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def run_convert(*args, nproc=1, timeout=600):
+    """convert.py exactly as a user on a CPU host runs it (USE_CUDA=false among ARGS): `python
+    convert.py ARGS`, or under torchrun with gloo when nproc > 1. No test shim is involved."""
+    if nproc == 1:
+        return run_script("convert.py", *args, timeout=timeout)
+    return torchrun("convert.py", *args, nproc=nproc, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 def tiny_qwen_config(tied):
+    # RoPE base 10000, not Qwen2.5's 1e6 (convert.py's old fallback): a reader that misses the base
+    # builds Megatron with another one, and the logits tests show it.
     return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=128, hidden_size=48,
                 intermediate_size=64, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
                 tie_word_embeddings=tied, hidden_act="silu", torch_dtype="float32")
 
 
@@ -586,7 +600,9 @@ def test_hf_and_mcore_mappings_are_exact_inverses():
 
 @pytest.fixture(scope="module")
 def tiny_ckpts(tmp_path_factory):
-    """HF tiny models (tied and untied), their mcore conversions, a token batch and HF logits."""
+    """HF tiny models (tied and untied), their mcore conversions by the CLI on CPU, a token batch and
+    HF logits. The models are saved as transformers 5 saves them: the RoPE base only under
+    `rope_parameters`, no top-level `rope_theta`."""
     import torch
     root = tmp_path_factory.mktemp("convert")
     out = {"root": root}
@@ -596,9 +612,11 @@ def tiny_ckpts(tmp_path_factory):
     for tied in (True, False):
         tag = "tied" if tied else "untied"
         model = make_tiny_hf(str(root / f"hf_{tag}"), tied, seed=2 if tied else 3)
+        saved = json.loads((root / f"hf_{tag}" / "config.json").read_text())
+        assert "rope_theta" not in saved and saved["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "default"}
         with torch.no_grad():
             torch.save(model(tokens).logits, root / f"ref_{tag}.pt")
-        p = run_shimmed("convert.py", "custom", str(root / f"hf_{tag}"), str(root / f"mc_{tag}"), "false", "false", "fp32")
+        p = run_convert("custom", str(root / f"hf_{tag}"), str(root / f"mc_{tag}"), "false", "false", "fp32")
         assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -607,7 +625,7 @@ def tiny_ckpts(tmp_path_factory):
 def test_hf_to_mcore_to_hf_round_trip_is_bit_exact(tiny_ckpts, tied):
     import torch
     root, tag = tiny_ckpts["root"], "tied" if tied else "untied"
-    p = run_shimmed("convert.py", "custom", str(root / f"mc_{tag}"), str(root / f"back_{tag}"), "true", "false", "fp32",
+    p = run_convert("custom", str(root / f"mc_{tag}"), str(root / f"back_{tag}"), "true", "false", "fp32",
                     str(root / f"hf_{tag}"))
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_safetensors_dir(root / f"hf_{tag}"), load_safetensors_dir(root / f"back_{tag}")
@@ -620,6 +638,8 @@ def test_hf_to_mcore_to_hf_round_trip_is_bit_exact(tiny_ckpts, tied):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_megatron_logits_match_transformers(tiny_ckpts, tied):
+    """The tiny models' config.json names their RoPE base (10000) only under `rope_parameters`, as
+    transformers 5 writes it: Megatron is built with that base, so fp32 logits agree."""
     import torch
     root, tag = tiny_ckpts["root"], "tied" if tied else "untied"
     out = root / f"logits_{tag}.pt"
@@ -632,13 +652,14 @@ def test_megatron_logits_match_transformers(tiny_ckpts, tied):
 
 
 def test_tp2_conversion_and_tp2_pp2_logits_and_export_match(tiny_ckpts):
-    """HF -> mcore at TP=2 (2 gloo processes); that checkpoint gives the same logits at TP=2 and
-    at PP=2 (dist_checkpointing reshards), and exports back to HF bit-exactly at PP=2."""
+    """HF -> mcore at TP=2 (`torchrun convert.py`, 2 gloo processes on CPU); that checkpoint gives
+    the same logits at TP=2 and at PP=2 (dist_checkpointing reshards), and exports back to HF
+    bit-exactly at PP=2."""
     import torch
     root = tiny_ckpts["root"]
     for tag in ("tied", "untied"):
         hf, mc = root / f"hf_{tag}", root / f"mc_tp2_{tag}"
-        p = run_shimmed("convert.py", "custom", str(hf), str(mc), "false", "false", "fp32", "--tp", "2", nproc=2)
+        p = run_convert("custom", str(hf), str(mc), "false", "false", "fp32", "--tp", "2", nproc=2)
         assert p.returncode == 0, p.stderr[-3000:]
         ref = torch.load(root / f"ref_{tag}.pt")
         for tp, pp in ((2, 1), (1, 2)):
@@ -648,7 +669,7 @@ def test_tp2_conversion_and_tp2_pp2_logits_and_export_match(tiny_ckpts):
             assert p.returncode == 0, p.stderr[-3000:]
             assert (torch.load(out) - ref).abs().max() < 1e-4, (tag, tp, pp)
         back = root / f"back_pp2_{tag}"
-        p = run_shimmed("convert.py", "custom", str(mc), str(back), "true", "false", "fp32", str(hf), "--pp", "2", nproc=2)
+        p = run_convert("custom", str(mc), str(back), "true", "false", "fp32", str(hf), "--pp", "2", nproc=2)
         assert p.returncode == 0, p.stderr[-3000:]
         a, b = load_safetensors_dir(hf), load_safetensors_dir(back)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -688,13 +709,216 @@ def test_convert_bad_inputs_fail_with_one_line_and_write_nothing(tiny_ckpts, tmp
         assert not os.path.exists(target)
 
 
-def test_convert_refuses_to_start_without_cuda(tiny_ckpts, tmp_path):
+def test_convert_with_use_cuda_true_and_no_gpu_is_one_line_error(tiny_ckpts, tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    p = run_script("convert.py", "custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "o"), "false", "false", "bf16")
-    assert_one_line_error(p, "no CUDA GPU")
+    p = run_convert("custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "o"), "false", "true", "bf16")
+    assert_one_line_error(p, "USE_CUDA=true", "USE_CUDA=false")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_single_process_conversion_needs_no_fixed_port(tiny_ckpts, tmp_path):
+    """One process outside torchrun rendezvous on a free port: with port 29511 (the old fixed one)
+    taken, the conversion still runs, as two conversions side by side on one host must."""
+    import socket
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 29511))
+        holder.listen()
+    except OSError:
+        pass                                   # someone else holds it already: just as good
+    try:
+        p = run_convert("custom", str(tiny_ckpts["root"] / "hf_tied"), str(tmp_path / "mc"), "false", "false", "fp32")
+    finally:
+        holder.close()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "mc" / "metadata.json")
+
+
+def test_convert_refuses_a_save_dir_that_is_inside_or_contains_its_input(tmp_path):
+    """SAVE_DIR is replaced as a whole: pointing it at the input, even through a trailing slash, a
+    relative path or a symlink, or at a folder inside or around it, would destroy the user's
+    checkpoint. With or without --force: one line, and the input is untouched."""
+    hf, mc = tmp_path / "outer" / "hf", tmp_path / "mc"
+    hf.mkdir(parents=True)
+    mc.mkdir()
+    (hf / "config.json").write_text(json.dumps(tiny_qwen_config(True)))
+    (hf / "model.safetensors").write_bytes(b"weights")
+    (mc / "metadata.json").write_text("{}")
+    (tmp_path / "link").symlink_to(hf)
+    before = {p: p.read_bytes() for p in (hf / "config.json", hf / "model.safetensors", mc / "metadata.json")}
+    force = "--force"
+    cases = [
+        ([str(hf), str(hf), "false"], "is LOAD_DIR"),                     # without --force: the old message
+        ([str(hf), str(hf), "false", force], "is LOAD_DIR"),              # invited the user to pass it
+        ([str(hf), str(hf) + "/", "false", force], "is LOAD_DIR"),
+        ([str(hf), os.path.relpath(hf, HERE), "false", force], "is LOAD_DIR"),   # run_script's cwd is HERE
+        ([str(hf), str(tmp_path / "link"), "false", force], "is LOAD_DIR"),
+        ([str(hf), str(hf / "mc"), "false", force], "is inside LOAD_DIR"),
+        ([str(hf), str(tmp_path / "outer"), "false", force], "contains LOAD_DIR"),
+        ([str(mc), str(hf), "true", force], "is HF_DIR"),                 # Megatron -> HF over its HF_DIR
+        ([str(mc), str(tmp_path / "outer"), "true", force], "contains HF_DIR"),
+    ]
+    for (load, save, mg2hf, *flags), words in cases:
+        p = run_script("convert.py", "custom", load, save, mg2hf, "false", "fp32", str(hf), *flags)
+        assert_one_line_error(p, words, "choose a SAVE_DIR outside it")
+        assert {p: p.read_bytes() for p in before} == before, save
+        assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"] and not os.path.exists(str(hf) + ".tmp")
+
+
+def test_rope_base_is_read_as_transformers_reads_it(tmp_path):
+    """vLLM reads config.json through transformers: convert.py must find the same RoPE base in
+    every layout, transformers 4's top-level `rope_theta`, transformers 5's `rope_parameters`, the
+    legacy `rope_scaling`, and none at all (transformers' default, not Qwen2.5's 1e6)."""
+    from transformers import Qwen2Config
+    import convert
+    qwen25_05b = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                  "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+                  "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+                  "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+                  "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+                  "use_sliding_window": False, "vocab_size": 151936}      # Qwen2.5-0.5B-Instruct's config.json
+    tiny = {k: v for k, v in tiny_qwen_config(True).items() if k != "rope_theta"}
+    layouts = {
+        "Qwen2.5-0.5B": (qwen25_05b, 1e6),
+        "transformers 4": (dict(tiny, rope_theta=5e5, rope_scaling=None), 5e5),
+        "transformers 5": (dict(tiny, rope_parameters={"rope_theta": 5e5, "rope_type": "default"}), 5e5),
+        "legacy rope_scaling": (dict(tiny, rope_theta=5e5, rope_scaling={"type": "default"}), 5e5),
+        "no base": (tiny, 10000.0),
+    }
+    for name, (cfg, base) in layouts.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        assert Qwen2Config.from_dict(dict(cfg)).rope_parameters["rope_theta"] == base, name   # what vLLM gets
+        assert convert.resolve_config("custom", str(path))["rope_theta"] == base, name
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},  # Qwen2.5's long context
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 10000.0}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+])
+def test_rope_other_than_plain_rope_is_refused(tmp_path, rope):
+    """Megatron's GPTModel with rotary_base computes plain RoPE; transformers and vLLM would scale it."""
+    import convert
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), **rope)))
+    with pytest.raises(convert.UserError, match="RoPE variant our Megatron build does not reproduce"):
+        convert.resolve_config("custom", str(path))
+
+
+def test_two_different_rope_bases_are_refused(tmp_path):
+    """transformers 5 takes the nested base over the top-level one; a reader that takes the other
+    would run another model: neither is guessed."""
+    import convert
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), rope_theta=1e6,
+                                    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})))
+    with pytest.raises(convert.UserError, match="two RoPE bases"):
+        convert.resolve_config("custom", str(path))
+
+
+@pytest.mark.parametrize("fields,words,harmless", [
+    # a window shorter than the sequences the model takes, and one no sequence reaches
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}, "sliding_window=64",
+     {"use_sliding_window": True, "sliding_window": 256, "max_window_layers": 2}),
+    ({"hidden_act": "gelu"}, "hidden_act=gelu", {"hidden_act": "silu"}),
+    ({"head_dim": 16}, "head_dim=16", {"head_dim": 8}),           # tiny: hidden 48 / 6 heads = 8
+    ({"is_causal": False}, "is_causal=false", {"is_causal": True}),
+])
+def test_config_fields_megatron_would_ignore_are_refused(tmp_path, fields, words, harmless):
+    """Fields transformers (and vLLM) honour for a Qwen2 and our Megatron build would not are
+    refused; the same fields with values that change nothing pass, and so does attention_bias,
+    which Qwen2 in transformers and vLLM ignores (q/k/v always have biases)."""
+    import convert
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), **fields)))
+    with pytest.raises(convert.UserError, match=words):
+        convert.resolve_config("custom", str(path))
+    path.write_text(json.dumps(dict(tiny_qwen_config(True), attention_bias=False, **harmless)))
+    assert convert.resolve_config("custom", str(path))["hidden_size"] == 48
+
+
+def test_convert_refuses_scaled_rope_in_one_line_and_writes_nothing(tmp_path):
+    hf = tmp_path / "hf"
+    make_tiny_hf(str(hf), True)
+    cfg = json.loads((hf / "config.json").read_text())
+    for rope, words in ((dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+                         ["rope_scaling", "yarn"]),
+                        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+                         ["rope_parameters", "linear"])):
+        (hf / "config.json").write_text(json.dumps(dict(cfg, **rope)))
+        p = run_script("convert.py", "custom", str(hf), str(tmp_path / "mc"), "false", "false", "fp32")
+        assert_one_line_error(p, *words, "does not reproduce")
+        assert not os.path.exists(tmp_path / "mc") and not os.path.exists(tmp_path / "mc.tmp")
+
+
+def count_keys(obj, key):
+    """How many times `key` occurs as a dict key anywhere in a JSON value."""
+    if isinstance(obj, dict):
+        return sum((k == key) + count_keys(v, key) for k, v in obj.items())
+    return sum(count_keys(v, key) for v in obj) if isinstance(obj, list) else 0
+
+
+def test_hf_export_config_names_the_source_rope_base_once(tmp_path):
+    """The export's config.json (write_hf, from the resolved config) holds one RoPE base, and
+    transformers 5 reads it back as the source's base, for a source in either layout."""
+    from transformers import AutoConfig
+    import convert
+    t5 = tmp_path / "t5"
+    make_tiny_hf(str(t5), True)                                  # rope_parameters only
+    t4 = tmp_path / "t4"
+    t4.mkdir()
+    (t4 / "config.json").write_text(json.dumps(dict(tiny_qwen_config(True), rope_theta=5e5, rope_scaling=None)))
+    for src in (t5, t4):
+        out = tmp_path / f"{src.name}_export"
+        cfg = convert.resolve_config("custom", str(src / "config.json"))
+        convert.write_hf(iter(()), str(out), cfg, str(src), "fp32")
+        written = json.loads((out / "config.json").read_text())
+        assert count_keys(written, "rope_theta") == 1, written
+        want = AutoConfig.from_pretrained(src).rope_parameters["rope_theta"]
+        assert AutoConfig.from_pretrained(out).rope_parameters["rope_theta"] == want == (1e4 if src == t5 else 5e5)
+
+
+def test_hf_export_config_names_the_written_dtype(tmp_path):
+    """transformers 5 saves `dtype`; the export of bf16 weights from an fp32 source must not keep
+    the source's `dtype: float32` next to its own `torch_dtype` (transformers reads `dtype` first)."""
+    import torch
+    from transformers import AutoConfig
+    import convert
+    src = tmp_path / "hf"
+    make_tiny_hf(str(src), True)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "float32"
+    convert.write_hf(iter(()), str(tmp_path / "out"), convert.resolve_config("custom", str(src / "config.json")),
+                     str(src), "bf16")
+    assert AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+def test_hf_export_keeps_the_tokenizer_and_its_chat_template(tmp_path):
+    """transformers 5 keeps the chat template in chat_template.jinja: the export must carry it
+    (and every other tokenizer file), so the exported policy formats chats as the source did.
+    The source's weights and config.json are not copied: the export writes its own."""
+    from transformers import AutoTokenizer
+    import convert
+    src = tmp_path / "hf"
+    make_tiny_hf(str(src), True)
+    make_tiny_tokenizer(str(src), ["What is 2 + 2? The answer is \\boxed{4}."] * 20)
+    assert os.path.isfile(src / "chat_template.jinja")           # where transformers 5 saves the template
+    out = tmp_path / "out"
+    convert.write_hf(iter(()), str(out), convert.resolve_config("custom", str(src / "config.json")), str(src), "fp32")
+    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3 + 3?"}]
+    want = AutoTokenizer.from_pretrained(src).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    got = AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert got == want and want.endswith("<|im_start|>assistant\n")
+    source_files = set(os.listdir(src)) - {"config.json", "model.safetensors"}
+    assert source_files <= set(os.listdir(out)) and "model.safetensors" not in os.listdir(out)
+    assert all((out / f).read_bytes() == (src / f).read_bytes() for f in source_files)
 
 
 def test_one_train_step_raises_positive_and_lowers_negative_completion(tiny_ckpts, tmp_path):
@@ -1336,11 +1560,11 @@ def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
     gpu_tiny_model(str(tmp_path / "hf"), vocab_size=64)
     p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
-                   "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--toy-token", "7",
-                   "--steps", "30", "--prompts-per-step", "32", "--n-samples-per-prompt", "8", "--max-len", "40",
-                   "--toy-prompt-len", "8", "--max-prompt-len", "8", "--lr", "1e-3", "--eval-interval", "0",
-                   "--gpu-memory-utilization", "0.3", timeout=900)
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc"),
+                 "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--toy-token", "7",
+                 "--steps", "30", "--prompts-per-step", "32", "--n-samples-per-prompt", "8", "--max-len", "40",
+                 "--toy-prompt-len", "8", "--max-prompt-len", "8", "--lr", "1e-3", "--eval-interval", "0",
+                 "--gpu-memory-utilization", "0.3", nproc=1, timeout=900)
     print(p.stdout[-6000:])
     assert p.returncode == 0, p.stderr[-5000:]
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
@@ -1381,11 +1605,11 @@ def test_gpu_qwen25_05b_shape_converts_and_runs_three_steps(tmp_path):
     diff = (torch.load(tmp_path / "logits.pt") - ref).abs().max().item()
     print(f"0.5B fp32 logits HF vs Megatron (GPU): max abs diff {diff:.2e}")
     assert diff < 1e-3
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc_bf16"),
-                   "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--model-size", "0.5B",
-                   "--toy-token", "7", "--steps", "3", "--prompts-per-step", "32", "--n-samples-per-prompt", "16",
-                   "--max-len", "1280", "--toy-prompt-len", "256", "--max-prompt-len", "256", "--eval-interval", "0",
-                   timeout=900)
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc_bf16"),
+                 "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--model-size", "0.5B",
+                 "--toy-token", "7", "--steps", "3", "--prompts-per-step", "32", "--n-samples-per-prompt", "16",
+                 "--max-len", "1280", "--toy-prompt-len", "256", "--max-prompt-len", "256", "--eval-interval", "0",
+                 nproc=1, timeout=900)
     print(p.stdout[-6000:])
     assert p.returncode == 0, p.stderr[-5000:]
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
@@ -1403,11 +1627,11 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
     gpu_tiny_model(str(tmp_path / "hf"), texts=texts * 5 + ["\\boxed{12} The answer is"] * 20)
     p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "1", "grpo.py", "--load", str(tmp_path / "mc"),
-                   "--hf-dir", str(tmp_path / "hf"), "--data", data, "--out", str(tmp_path / "out"),
-                   "--steps", "2", "--prompts-per-step", "8", "--n-samples-per-prompt", "4", "--max-len", "256",
-                   "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "7",
-                   "--gpu-memory-utilization", "0.3", "--kl-log-interval", "2", timeout=900)
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc"),
+                 "--hf-dir", str(tmp_path / "hf"), "--data", data, "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--prompts-per-step", "8", "--n-samples-per-prompt", "4", "--max-len", "256",
+                 "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "7",
+                 "--gpu-memory-utilization", "0.3", "--kl-log-interval", "2", nproc=1, timeout=900)
     print(p.stdout[-4000:])
     assert p.returncode == 0, p.stderr[-5000:]
     assert "prompts: 20 train (0 dropped" in p.stdout
@@ -1431,12 +1655,13 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     prepare, convert, train; SIGKILL to the whole job during step 3; the rerun skips the done
     steps, resumes after step 2, finishes step 4, exports to HF, and vLLM loads the export."""
     import signal
+    import convert
     texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
     model_dir = str(tmp_path / "model")
     gpu_tiny_model(model_dir, texts=texts * 5)
     ck = tmp_path / "ck"
     settings = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
-                    MASTER_PORT="29517", PYTHONUNBUFFERED="1")
+                    MASTER_PORT=str(convert.free_port()), PYTHONUNBUFFERED="1")
     flags = ["--steps", "4", "--save-interval", "1", "--keep-last", "2", "--prompts-per-step", "8",
              "--n-samples-per-prompt", "4", "--max-len", "256", "--max-prompt-len", "128", "--eval-interval", "0",
              "--gpu-memory-utilization", "0.3"]
