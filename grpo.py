@@ -919,9 +919,9 @@ def start_wandb(args, cfg, resume_step):
 # vLLM: the colocated engine
 # ==============================================================================================
 # vLLM samples top-k / top-p requests (our evaluation: T 0.6, top-p 0.95, top-k 20) with
-# FlashInfer's kernels, which this vLLM build compiles with nvcc on their first use: the first
-# evaluation took 85-114 s for 7 prompts. vLLM's own top-k / top-p (Triton, compiled during its
-# warm-up) gives the same distribution. Training rollouts (top-p 1, top-k -1) use neither.
+# FlashInfer's kernels, which this vLLM build compiles with nvcc on their first use, in the middle
+# of a run: that was the slow first evaluation. vLLM's own top-k / top-p (Triton, compiled during
+# its warm-up) samples the same distribution. Training rollouts (top-p 1, top-k -1) use neither.
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
