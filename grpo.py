@@ -1541,18 +1541,25 @@ def score(samples, args, tokenizer):
     return timed_out
 
 
+def rollout_requests(prompts, args, rnd):
+    """(max new tokens, logprobs) of each prompt's request. Each prompt may be answered with what
+    is left of --max-len after it, as in the reference pipeline. vLLM's log-probs serve the
+    vLLM-vs-Megatron check (and --tis-cap): the loss takes Megatron's. They cost Python objects
+    per token in the thread that also schedules the GPU, so without --tis-cap only the first
+    prompt of an engine's share asks for them (logprobs=0: the sampled token's), in the first
+    round: its n samples are plenty to see a bad sync.
+    Example: max_len 20, prompts of 3 and 10 tokens -> [(17, 0), (10, None)]"""
+    return [(args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and rnd == 0)) else None)
+            for i, p in enumerate(prompts)]
+
+
 def rollout_round(ctx, prompts, step, rnd, times):
     """Phase 1, one round: this engine generates its share of `prompts` and scores it; every rank
     gets every engine's samples back (TP and PP peers of a DP rank must train on identical rows,
     and PP stages rolled out different prompts). Samples of one prompt stay contiguous."""
     args, engine, engines = ctx["args"], ctx["engine"], ctx["engines"]
     mine = prompts[engine::engines]
-    # Each prompt may be answered with what is left of max_len. vLLM's log-probs serve the
-    # vLLM-vs-Megatron check (and --tis-cap): the loss takes Megatron's. They cost Python objects
-    # per token in the thread that also schedules the GPU, so without --tis-cap only the first
-    # prompt of each engine's share asks for them: its n samples are plenty to see a bad sync.
-    params = [ctx["sampling"](args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and rnd == 0)) else None)
-              for i, (p, _) in enumerate(mine)]
+    params = [ctx["sampling"](*request) for request in rollout_requests([p for p, _ in mine], args, rnd)]
     torch.manual_seed(rollout_seed(args.seed, step, engine, stream=1 + rnd))
     with timed(times, "rollout"):
         outs = generate(ctx["llm"], [p for p, _ in mine], params)
@@ -1583,23 +1590,11 @@ def rollout(ctx, step, m, times):
         prompts = [ctx["train"][i] for i in take_prompts(ctx["data_state"], args.prompts_per_step, args.seed)]
         samples, t = rollout_round(ctx, prompts, step, rounds, times)
         rounds, timeouts, seen = rounds + 1, timeouts + t, seen + samples
-        rewards = torch.tensor([s["score"] for s in samples], dtype=torch.float32)
-        if args.overlong_buffer:
-            rewards += overlong_penalty(torch.tensor([len(s["response_ids"]) for s in samples]),
-                                        torch.tensor([s["budget"] for s in samples]), args.overlong_buffer,
-                                        args.overlong_penalty)
-        for s, r in zip(samples, rewards.tolist()):
-            s["reward"] = r
-            s["in_loss"] = 0.0 if (args.overlong_filter and s["truncated"]) else 1.0
-        if not args.filter_groups:
-            kept = samples
-            break
-        keep = informative_groups(rewards, n).tolist()
-        kept += [s for g, k in enumerate(keep) if k for s in samples[g * n:(g + 1) * n]]
+        shape_rewards(samples, args)
+        kept += keep_informative(samples, n) if args.filter_groups else samples
         if len(kept) >= args.prompts_per_step * n:
             break
-    groups = len(kept) // n
-    groups = min(groups, args.prompts_per_step) // ctx["dp"] * ctx["dp"]    # whole groups for each DP rank
+    groups = min(len(kept) // n, args.prompts_per_step) // ctx["dp"] * ctx["dp"]   # whole groups per DP rank
     kept = kept[:groups * n]
     scores = torch.tensor([s["score"] for s in seen])
     lengths = [len(s["response_ids"]) for s in seen]
@@ -1615,6 +1610,26 @@ def rollout(ctx, step, m, times):
     if preempted is not None:
         m["vllm_preemptions"] = vllm_counter(ctx["llm"], "vllm:num_preemptions") - preempted
     return kept
+
+
+def shape_rewards(samples, args):
+    """The reward GRPO trains on, from each sample's "score": plus the soft overlong penalty with
+    --overlong-buffer; and "in_loss" 0 for a truncated answer with --overlong-filter (it carries
+    no verdict on its answer, only that it ran out of room). In place."""
+    rewards = torch.tensor([s["score"] for s in samples], dtype=torch.float32)
+    if args.overlong_buffer:
+        rewards += overlong_penalty(torch.tensor([len(s["response_ids"]) for s in samples]),
+                                    torch.tensor([s["budget"] for s in samples]), args.overlong_buffer,
+                                    args.overlong_penalty)
+    for s, r in zip(samples, rewards.tolist()):
+        s["reward"] = r
+        s["in_loss"] = 0.0 if (args.overlong_filter and s["truncated"]) else 1.0
+
+
+def keep_informative(samples, n):
+    """The samples of the prompts whose n rewards are not all equal (--filter-groups)."""
+    keep = informative_groups(torch.tensor([s["reward"] for s in samples]), n).tolist()
+    return [s for g, k in enumerate(keep) if k for s in samples[g * n:(g + 1) * n]]
 
 
 def digest(samples):

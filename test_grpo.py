@@ -338,6 +338,37 @@ def test_overlong_penalty_ramps_over_the_last_buffer_tokens():
     assert grpo.overlong_penalty(torch.tensor([60]), torch.tensor([70]), 20, 0.5).tolist() == pytest.approx([-0.25])
 
 
+def test_each_prompt_may_be_answered_with_what_is_left_of_max_len():
+    import types
+    import grpo
+    args = types.SimpleNamespace(max_len=20, tis_cap=0.0)
+    assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 0) == [(17, 0), (10, None)]
+    assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 1) == [(17, None), (10, None)]   # later rounds
+    args.tis_cap = 2.0                                      # TIS needs vLLM's log-probs of every sample
+    assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 1) == [(17, 0), (10, 0)]
+
+
+def test_rewards_are_shaped_by_the_overlong_switches():
+    import types
+    import grpo
+    args = types.SimpleNamespace(overlong_buffer=10, overlong_penalty=1.0, overlong_filter=True)
+    samples = [{"score": 1.0, "response_ids": [1] * 5, "budget": 20, "truncated": False},
+               {"score": 1.0, "response_ids": [1] * 15, "budget": 20, "truncated": False},
+               {"score": 0.0, "response_ids": [1] * 20, "budget": 20, "truncated": True}]
+    grpo.shape_rewards(samples, args)
+    assert [s["reward"] for s in samples] == pytest.approx([1.0, 0.5, -1.0])
+    assert [s["in_loss"] for s in samples] == [1.0, 1.0, 0.0]            # the truncated answer leaves the loss
+    args = types.SimpleNamespace(overlong_buffer=0, overlong_penalty=1.0, overlong_filter=False)
+    grpo.shape_rewards(samples, args)
+    assert [s["reward"] for s in samples] == [1.0, 1.0, 0.0] and all(s["in_loss"] == 1.0 for s in samples)
+
+
+def test_dynamic_sampling_keeps_whole_groups_whose_rewards_differ():
+    import grpo
+    samples = [{"reward": r, "id": i} for i, r in enumerate([1, 1, 0, 1, 0, 0, 1, 0])]
+    assert [s["id"] for s in grpo.keep_informative(samples, 2)] == [2, 3, 6, 7]
+
+
 def test_tis_weights_are_the_capped_probability_ratio():
     import math
     import torch
@@ -1577,6 +1608,39 @@ def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
 
 
 @gpu
+@pytest.mark.parametrize("switches", [
+    ["--mini-batches", "4", "--epochs", "2"],                  # several updates per batch: the clip acts
+    ["--mini-batches", "2", "--clip-ratio-high", "0.28"],       # DAPO's clip-higher
+    ["--loss-agg", "seq-mean-token-mean"],                      # GRPO paper's aggregation
+    ["--loss-agg", "seq-mean-token-sum-norm", "--no-std-norm"],  # Dr. GRPO
+    ["--filter-groups"],                                        # DAPO's dynamic sampling
+    ["--overlong-buffer", "8"],                                 # DAPO's soft overlong penalty
+    ["--tis-cap", "2"],                                         # truncated importance sampling
+], ids=lambda s: " ".join(s))
+def test_gpu_toy_task_learns_with_each_grpo_switch(tmp_path, switches):
+    """One short toy run per switch: the reward still climbs (the toy's answers all run to their
+    budget, so --overlong-filter would leave nothing to train on; its CPU tests cover it)."""
+    gpu_tiny_model(str(tmp_path / "hf"), vocab_size=64)
+    p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun("grpo.py", "--load", str(tmp_path / "mc"), "--hf-dir", str(tmp_path / "hf"), "--out",
+                 str(tmp_path / "out"), "--toy-token", "7", "--steps", "10", "--prompts-per-step", "32",
+                 "--n-samples-per-prompt", "8", "--max-len", "40", "--toy-prompt-len", "8", "--max-prompt-len", "8",
+                 "--lr", "1e-3", "--eval-interval", "0", "--gpu-memory-utilization", "0.3", *switches, nproc=1, timeout=900)
+    print(p.stdout[-3000:])
+    assert p.returncode == 0, p.stderr[-5000:]
+    m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    rewards = [x["reward"] for x in m]
+    print(" ".join(switches), "reward:", " ".join(f"{r:.3f}" for r in rewards), "| clip_frac:",
+          " ".join(f"{x['clip_frac']:.3f}" for x in m), "| entropy:", " ".join(f"{x['entropy']:.2f}" for x in m))
+    assert len(m) == 10 and sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.2
+    if "--mini-batches" in switches:
+        assert max(x["clip_frac"] for x in m) > 0 and m[0]["optimizer_steps"] > 1
+    if "--tis-cap" in switches:
+        assert all(0.5 < x["tis_weight_mean"] <= 2.0 for x in m)
+
+
+@gpu
 def test_gpu_qwen25_05b_shape_converts_and_runs_three_steps(tmp_path):
     """The real Qwen2.5-0.5B config, random weights: convert on the GPU (logits checked), then
     three GRPO steps through vLLM and Megatron (toy reward: no tokenizer offline)."""
@@ -1635,25 +1699,31 @@ def test_gpu_math_data_path_with_tokenizer_and_eval(math_dir, tmp_path):
     print(p.stdout[-4000:])
     assert p.returncode == 0, p.stderr[-5000:]
     assert "prompts: 20 train (0 dropped" in p.stdout
-    m = read_metrics(tmp_path / "out" / "metrics.jsonl")
-    assert len(m) == 2 and "eval_accuracy" in m[1] and 0.0 <= m[1]["eval_accuracy"] <= 1.0
+    ev0, *m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert ev0["step"] == 0 and [x["step"] for x in m] == [1, 2]        # step 0: the evaluation before training
+    assert "eval_accuracy" in m[1] and 0.0 <= m[1]["eval_accuracy"] <= 1.0 and ev0["eval_temperature"] == 0.6
     evals = [json.loads(line) for line in open(tmp_path / "out" / "eval" / "step_000002.jsonl")]
-    print(f"eval: generate {m[1]['time_eval_generate']:.1f}s, score {m[1]['time_eval_score']:.1f}s; first answer:",
-          repr(evals[0]["response"][:300]))
+    for x in (ev0, m[1]):
+        print(f"eval at step {x['step']}: generate {x['time_eval_generate']:.1f}s for {x['eval_generated_tokens']:.0f} "
+              f"tokens, score {x['time_eval_score']:.1f}s")
+    print(f"rollouts: {m[0]['time_rollout']:.1f}s and {m[1]['time_rollout']:.1f}s for {m[0]['generated_tokens']} and "
+          f"{m[1]['generated_tokens']} tokens; first answer: {evals[0]['response'][:300]!r}")
+    assert ev0["time_eval_generate"] < 20          # FlashInfer's first-use JIT made it 85-114 s
     assert len(evals) == 7 and sum(e["reward"] for e in evals) / 7 == pytest.approx(m[1]["eval_accuracy"])
     assert all(0.0 <= x["reward"] <= 1.0 and x["logp_diff_vllm_megatron"] < 0.02 for x in m)
     assert "kl" not in m[0] and "kl" in m[1]                       # --kl-log-interval 2
-    if m[0]["reward_std"] == 0:
+    if m[0]["score_std"] == 0:
         # all samples scored alike -> zero advantages -> zero gradient: the policy must still be
         # the loaded one (a bf16 optimizer built before loading would reset it to its random init)
         assert m[0]["grad_norm"] == 0 and m[1]["kl"] < 1e-3
 
 
 @gpu
-def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tmp_path):
+def test_gpu_run_sh_end_to_end_killed_in_step_4_resumes_redoes_step_3_alike_and_exports(math_dir, tmp_path):
     """`bash run.sh` as a user runs it, on a tiny random model and generated MATH parquet files:
-    prepare, convert, train; SIGKILL to the whole job during step 3; the rerun skips the done
-    steps, resumes after step 2, finishes step 4, exports to HF, and vLLM loads the export."""
+    prepare, convert, train with a checkpoint every 2 steps; SIGKILL to the whole job once step 3
+    is logged; the rerun skips the done steps, resumes after step 2, redoes step 3 drawing the same
+    samples (the same rollout digest), finishes step 5, exports to HF, and vLLM loads the export."""
     import signal
     import convert
     texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
@@ -1662,7 +1732,7 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     ck = tmp_path / "ck"
     settings = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
                     MASTER_PORT=str(convert.free_port()), PYTHONUNBUFFERED="1")
-    flags = ["--steps", "4", "--save-interval", "1", "--keep-last", "2", "--prompts-per-step", "8",
+    flags = ["--steps", "5", "--save-interval", "2", "--keep-last", "2", "--prompts-per-step", "8",
              "--n-samples-per-prompt", "4", "--max-len", "256", "--max-prompt-len", "128", "--eval-interval", "0",
              "--gpu-memory-utilization", "0.3"]
     metrics = ck / "grpo" / "metrics.jsonl"
@@ -1670,11 +1740,11 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
     job = subprocess.Popen(["bash", "run.sh", *flags], cwd=HERE, env=run_sh_env(settings), stdout=log1,
                            stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert job.poll() is None, open(tmp_path / "run1.log").read()[-5000:]
-        assert time.time() - t0 < 600, "no step 2 within 600 s"
-        time.sleep(0.05)
-    # step 2 is logged: step 3 is under way. kill -9 the whole job: torchrun starts its workers in
+        assert time.time() - t0 < 600, "no step 3 within 600 s"
+        time.sleep(0.02)
+    # step 3 is logged: step 4 is under way. kill -9 the whole job: torchrun starts its workers in
     # sessions of their own, so the process group of run.sh is not enough.
     os.killpg(job.pid, signal.SIGKILL)
     for pid in os.listdir("/proc"):
@@ -1685,18 +1755,22 @@ def test_gpu_run_sh_end_to_end_killed_in_step_3_resumes_and_exports(math_dir, tm
             pass
     job.wait()
     time.sleep(5)                                 # nothing may still be training
-    killed_at = len(metrics.read_text().splitlines())
+    first = [json.loads(line) for line in metrics.read_text().splitlines()]
     print(open(tmp_path / "run1.log").read()[-3000:])
-    print(f"killed with {killed_at} steps logged; checkpoints: {sorted(os.listdir(ck / 'grpo' / 'checkpoints'))}")
-    assert killed_at == 2
+    print(f"killed with {len(first)} steps logged; checkpoints: {sorted(os.listdir(ck / 'grpo' / 'checkpoints'))}")
+    assert [m["step"] for m in first] == [1, 2, 3]
+    assert sorted(os.listdir(ck / "grpo" / "checkpoints")) == ["step_000002"]
     p = run_sh(*flags, env=settings, timeout=900)
     print(p.stdout[-5000:])
     assert p.returncode == 0, p.stderr[-5000:]
     assert p.stdout.count("= skip:") == 3                        # data, model, conversion
     assert "resuming after step 2" in p.stdout
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]                                  # none lost, none repeated
-    assert sorted(os.listdir(ck / "grpo" / "checkpoints")) == ["step_000003", "step_000004"]
+    second = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in second] == [1, 2, 3, 4, 5]       # none lost, none repeated
+    print("step 3 rollout digest, killed run vs resumed run:", first[2]["rollout_digest"], second[2]["rollout_digest"])
+    assert second[2]["rollout_digest"] == first[2]["rollout_digest"]     # the redone step drew the same samples
+    assert second[:2] == first[:2]
+    assert sorted(os.listdir(ck / "grpo" / "checkpoints")) == ["step_000004", "step_000005"]
     # the export: vLLM serves it (a fresh process, the way a user would evaluate the result)
     code = ("import sys; from vllm import LLM, SamplingParams; "
             "llm = LLM(model=sys.argv[1], gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True); "
