@@ -1357,6 +1357,37 @@ def test_no_resume_refusal_is_one_line_before_anything_starts(tiny_ckpts, tmp_pa
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000020"]
 
 
+def test_wandb_offline_run_is_written_and_the_key_never_printed(tmp_path):
+    """enable_wandb without network: WANDB_MODE=offline gives a local run folder (to `wandb sync`
+    later); the API key appears in no output."""
+    code = ("import sys, types, grpo; "
+            "args = types.SimpleNamespace(wandb_project='p', wandb_name='n', out=sys.argv[1]); "
+            "run = grpo.start_wandb(args, {'hidden_size': 8}, 0); run.log({'reward': 0.5}, step=1); run.finish(); "
+            "print('run', run.id)")
+    p = run_script("-c", code, str(tmp_path), env={"WANDB_MODE": "offline", "WANDB_API_KEY": "sk-very-secret-0123456789"},
+                   timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sk-very-secret" not in p.stdout + p.stderr
+    run_id = p.stdout.split("run ")[-1].strip()
+    assert (tmp_path / "wandb_id.txt").read_text() == run_id
+    assert any(d.startswith("offline-run-") and d.endswith(run_id) for d in os.listdir(tmp_path / "wandb"))
+
+
+def test_plot_draws_the_curves_of_several_runs(tmp_path):
+    for name, acc in (("grpo", [0.2, 0.4, 0.6]), ("control", [0.2, 0.21, 0.19])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": 5 * i, "eval_accuracy": a, "reward": a}) + "\n" for i, a in enumerate(acc))
+            + '{"step": 15, "rew')                                  # a run killed mid-line still plots
+    out = tmp_path / "curve.png"
+    p = run_script("plot.py", str(tmp_path / "grpo" / "metrics.jsonl"), f"lr 0={tmp_path / 'control' / 'metrics.jsonl'}",
+                   "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not os.path.exists(str(out) + ".tmp.png")
+    assert_one_line_error(run_script("plot.py", str(tmp_path / "nope.jsonl")), "nope.jsonl not found")
+    assert_one_line_error(run_script("plot.py", str(tmp_path / "grpo" / "metrics.jsonl"), "--metrics", "kl"), "kl")
+
+
 def test_prompts_that_do_not_divide_over_data_parallel_ranks_are_refused():
     import grpo
     from convert import UserError
