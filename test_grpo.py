@@ -122,7 +122,7 @@ def test_download_offline_is_one_line_error(tmp_path):
 
 
 def test_every_script_has_help():
-    for script in ("prepare.py", "convert.py", "grpo.py"):
+    for script in ("prepare.py", "convert.py", "grpo.py", "plot.py"):
         p = run_script(script, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), script
         assert_one_line_error(run_script(script, "--no-such-flag"), "see --help")
