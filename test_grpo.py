@@ -1638,6 +1638,16 @@ def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
     assert max(x["logp_diff_vllm_megatron"] for x in m) < 0.02
 
 
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    """The toy task's random 2-layer Qwen2 (vocab 64), converted once for the runs that share it."""
+    root = tmp_path_factory.mktemp("toy")
+    gpu_tiny_model(str(root / "hf"), vocab_size=64)
+    p = run_script("convert.py", "custom", str(root / "hf"), str(root / "mc"), "false", "true", "bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root
+
+
 @gpu
 @pytest.mark.parametrize("switches", [
     ["--mini-batches", "4", "--epochs", "2"],                  # several updates per batch: the clip acts
@@ -1648,16 +1658,14 @@ def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
     ["--overlong-buffer", "8"],                                 # DAPO's soft overlong penalty
     ["--tis-cap", "2"],                                         # truncated importance sampling
 ], ids=lambda s: " ".join(s))
-def test_gpu_toy_task_learns_with_each_grpo_switch(tmp_path, switches):
+def test_gpu_toy_task_learns_with_each_grpo_switch(toy_model, tmp_path, switches):
     """One short toy run per switch: the reward still climbs (the toy's answers all run to their
     budget, so --overlong-filter would leave nothing to train on; its CPU tests cover it)."""
-    gpu_tiny_model(str(tmp_path / "hf"), vocab_size=64)
-    p = run_script("convert.py", "custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "true", "bf16")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = torchrun("grpo.py", "--load", str(tmp_path / "mc"), "--hf-dir", str(tmp_path / "hf"), "--out",
+    p = torchrun("grpo.py", "--load", str(toy_model / "mc"), "--hf-dir", str(toy_model / "hf"), "--out",
                  str(tmp_path / "out"), "--toy-token", "7", "--steps", "10", "--prompts-per-step", "32",
                  "--n-samples-per-prompt", "8", "--max-len", "40", "--toy-prompt-len", "8", "--max-prompt-len", "8",
-                 "--lr", "1e-3", "--eval-interval", "0", "--gpu-memory-utilization", "0.3", *switches, nproc=1, timeout=900)
+                 "--lr", "1e-3", "--eval-interval", "0", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "256",
+                 *switches, nproc=1, timeout=900)
     print(p.stdout[-3000:])
     assert p.returncode == 0, p.stderr[-5000:]
     m = read_metrics(tmp_path / "out" / "metrics.jsonl")
