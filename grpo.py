@@ -1721,8 +1721,8 @@ def run(args):
         check_out_dir(args.out, args.resume)
     if not torch.cuda.is_available():
         raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them)")
+    convert.init_distributed(args.tp, args.pp, use_cuda=True)      # (sets each rank's GPU)
     plan = plan_and_pick_defaults(args, cfg, dp, gpu_bytes=torch.cuda.mem_get_info()[1])
-    convert.init_distributed(args.tp, args.pp, use_cuda=True)
     rank = dist.get_rank()
     if rank == 0:
         print(format_memory_plan(plan), flush=True)
