@@ -192,8 +192,74 @@ def test_math_reward_times_out_on_pathological_input():
 def test_score_responses_matches_math_reward_in_worker_processes():
     responses = [f"\\boxed{{\\frac{{{i}}}{{2}}}}" for i in range(200)] + ["no box", "\\boxed{\\sum_{n=1}^{10^{9}} n^{n}}"]
     truths = [f"{i % 3}/2" for i in range(200)] + ["1", "5"]
-    rewards = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
+    rewards, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
     assert rewards == [1.0 if i < 3 else 0.0 for i in range(200)] + [0.0, 0.0]
+    assert timed_out == 0                      # SIGALRM stopped the pathological one in time
+
+
+def reward_hangs_on_marker(response, ground_truth, timeout_s):
+    """math_reward, except that the response "HANG" blocks where neither SIGALRM nor SIGTERM can
+    reach it, as sympy stuck in C code would. Module level: forkserver workers import it by name."""
+    import signal
+    if response == "HANG":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+        time.sleep(3600)
+    return prepare.math_reward(response, ground_truth, timeout_s)
+
+
+def reward_dies_on_marker(response, ground_truth, timeout_s):
+    """math_reward, except that the response "DIE" ends the worker process on the spot."""
+    if response == "DIE":
+        os._exit(1)
+    return prepare.math_reward(response, ground_truth, timeout_s)
+
+
+def test_score_responses_zeroes_and_counts_only_the_answer_that_hangs():
+    responses = [f"\\boxed{{{i}}}" for i in range(64)]
+    responses[5] = "HANG"
+    truths = [str(i) for i in range(64)]                     # every other answer is right
+    prepare.score_responses(["\\boxed{1}"], ["1"], num_workers=2, reward_fn=reward_hangs_on_marker)  # start
+    t = time.time()
+    rewards, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1, stall_s=3,
+                                                 reward_fn=reward_hangs_on_marker)
+    elapsed = time.time() - t
+    prepare.close_reward_workers()
+    assert rewards == [0.0 if i == 5 else 1.0 for i in range(64)]
+    assert timed_out == 1
+    assert 3 <= elapsed < 30                   # waited out the stall once, then went on
+
+
+def test_score_responses_survives_a_worker_that_dies():
+    responses = [f"\\boxed{{{i}}}" for i in range(32)]
+    responses[7] = "DIE"
+    rewards, timed_out = prepare.score_responses(responses, [str(i) for i in range(32)], num_workers=2,
+                                                 reward_fn=reward_dies_on_marker)
+    again, _ = prepare.score_responses(["\\boxed{2}"] * 4, ["2"] * 4, num_workers=2, reward_fn=reward_dies_on_marker)
+    prepare.close_reward_workers()
+    assert rewards == [0.0 if i == 7 else 1.0 for i in range(32)] and timed_out == 1
+    assert again == [1.0] * 4                  # the dead worker was replaced
+
+
+def test_close_reward_workers_stops_the_worker_processes():
+    import multiprocessing
+    before = {p.pid for p in multiprocessing.active_children()}
+    prepare.score_responses(["\\boxed{1}"] * 4, ["1"] * 4, num_workers=2)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    prepare.close_reward_workers()
+    assert len(workers) == 2
+    assert not workers & {p.pid for p in multiprocessing.active_children()}
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_process_that_scored_in_workers_exits_without_teardown_errors():
+    # With torch imported (as in the trainer), interpreter teardown used to reach the reward
+    # pool after multiprocessing's pickler was gone: "Exception ignored in Pool.__del__".
+    p = run_script("-c", "import torch, prepare; "
+                   "print(prepare.score_responses(['\\\\boxed{1}'] * 4, ['1'] * 4, num_workers=2))")
+    assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 0 and p.stdout.strip() == "([1.0, 1.0, 1.0, 1.0], 0)"
 
 
 # ==============================================================================================
