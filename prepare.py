@@ -327,13 +327,51 @@ def make_row(problem, solution, level, type_, split, index):
     }
 
 
-def write_jsonl_atomic(rows, path):
-    """Write JSON lines to path.tmp, then rename: an interrupted run leaves no half file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+def write_jsonl(rows, path):
+    with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+
+def write_prompt_set(outputs, local_dir):
+    """Write {"train": rows, "test": rows} as local_dir/train.json and test.json, both or neither.
+
+    run.sh takes the data step as done when both files exist, so a half-finished write must
+    never leave a pair that looks complete (a new train.json next to a stale test.json). The order:
+    remove the old train.json, then the old test.json (from here on no complete pair exists);
+    write both to .tmp files; rename test, then train *last*: train.json appears only once its
+    test.json from the same run is in place. A failure (disk full, unwritable folder) removes
+    the .tmp files this run made and ends in one line.
+    """
+    final = {split: os.path.join(local_dir, f"{split}.json") for split in ("train", "test")}
+    made = []
+    try:
+        for split in ("train", "test"):
+            if os.path.lexists(final[split]):
+                os.remove(final[split])
+        for split in ("train", "test"):
+            tmp = final[split] + ".tmp"
+            made.append(tmp)          # before open: a half-written file is ours to remove too
+            write_jsonl(outputs[split], tmp)
+        os.replace(final["test"] + ".tmp", final["test"])
+        os.replace(final["train"] + ".tmp", final["train"])
+    except OSError as e:
+        for tmp in made:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+        die(f"cannot write {e.filename or local_dir}: {e.strerror or e}; no prompt set was written to {local_dir}")
+
+
+def check_output_dir(local_dir):
+    """Create local_dir if needed; one line if it is a file or not writable, before any reading."""
+    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
+        die(f"--local_dir {local_dir} is a file; pass a folder for train.json and test.json")
+    try:
+        os.makedirs(local_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --local_dir {local_dir}: {e.strerror or e}")
+    if not os.access(local_dir, os.W_OK | os.X_OK):
+        die(f"--local_dir {local_dir} is not writable")
 
 
 def preprocess(input_dir, local_dir):
@@ -349,10 +387,10 @@ def preprocess(input_dir, local_dir):
     for split, found in files.items():
         if not found:
             die(f"no {split}-*.parquet under {os.path.join(input_dir, 'data')}; expected the MATH-lighteval layout data/{{train,test}}-*.parquet")
+    check_output_dir(local_dir)
     import datasets
     from tqdm import tqdm
     datasets.disable_progress_bars()
-    os.makedirs(local_dir, exist_ok=True)
     summary, outputs = {}, {}
     for split, found in files.items():
         try:
@@ -371,10 +409,8 @@ def preprocess(input_dir, local_dir):
                 rows.append(row)
         outputs[split] = rows
         summary[split] = (len(rows), skipped)
-    # Both splits are validated before either file is written, so a failure never leaves a new
-    # train.json next to a stale test.json.
-    for split, rows in outputs.items():
-        write_jsonl_atomic(rows, os.path.join(local_dir, f"{split}.json"))
+    # Both splits are read and checked before anything is written.
+    write_prompt_set(outputs, local_dir)
     return summary
 
 

@@ -115,6 +115,28 @@ def test_prepare_missing_column_is_one_line_error(tmp_path):
     assert_one_line_error(p, "problem", "solution")
 
 
+def test_prepare_local_dir_that_is_a_file_is_one_line_error_and_writes_nothing(math_dir, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    p = run_script("prepare.py", "--input_dir", math_dir, "--local_dir", str(target))
+    assert_one_line_error(p, str(target), "is a file")
+    assert sorted(os.listdir(tmp_path)) == ["MATH-lighteval", "out"] and target.read_text() == "not a folder"
+
+
+def test_prepare_failing_on_the_second_file_leaves_no_new_train_json_beside_the_old_test_json(math_dir, tmp_path):
+    """run.sh takes the data step as done when both files exist: a failed write must not leave a
+    pair that looks done. Here test.json's temp file cannot be opened (a folder sits there)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.json").write_text("old train\n")
+    (out / "test.json").write_text("old test\n")
+    (out / "test.json.tmp").mkdir()
+    p = run_script("prepare.py", "--input_dir", math_dir, "--local_dir", str(out))
+    assert_one_line_error(p, "test.json.tmp")
+    assert not (out / "train.json").exists() or (out / "train.json").read_text() == "old train\n"
+    assert set(os.listdir(out)) <= {"train.json", "test.json", "test.json.tmp"}   # no temp file of ours left
+
+
 def test_download_offline_is_one_line_error(tmp_path):
     p = run_script("prepare.py", "download", "--local_dir", str(tmp_path / "d"), timeout=300)
     assert_one_line_error(p, "AI-ModelScope/MATH-lighteval", "modelscope")
