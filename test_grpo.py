@@ -1,7 +1,7 @@
 """The specification of prepare.py, convert.py and grpo.py, as tests.
 
     python -m pytest -q test_grpo.py            # CPU: everything but the `gpu` tests
-    python -m pytest -q -m gpu test_grpo.py     # on a CUDA machine with vllm installed
+    python -m pytest -q -k gpu test_grpo.py     # on a CUDA machine with vllm installed
 
 Nothing is downloaded: the fixtures write MATH-lighteval-shaped parquet files and tiny random
 Qwen2-shaped checkpoints into pytest's tmp dirs.
@@ -995,6 +995,25 @@ def test_run_sh_stops_at_a_grpo_flag_typo_with_grpo_errors_line_before_step_1(ma
     assert_one_line_error(p, "--stepz")
     assert p.stderr.strip().splitlines()[-1] == run_script("grpo.py", "--stepz", "5").stderr.strip().splitlines()[-1]
     assert not os.path.exists(os.path.join(env["DATA_DIR"], "train.json"))
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("Run the tests", 1)[1].split("\n\n")[1]       # the indented block after that line
+    commands = [line[4:] for line in block.splitlines()]
+    ci = open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+    assert len(commands) >= 2 and ci[-len(commands):] == commands
+
+
+def test_cpu_test_set_keeps_the_torch_of_a_gpu_env_and_of_this_one():
+    """vllm 0.26.0 (requirements.txt) pins torch 2.11.0; pip replaces an installed torch that the
+    CPU test set's torch requirement does not accept, which would break vLLM in a GPU env."""
+    from importlib.metadata import version
+    from packaging.requirements import Requirement
+    reqs = [Requirement(line.split("#")[0]) for line in open(os.path.join(HERE, "requirements-cpu.txt"))
+            if line.split("#")[0].strip()]
+    torch_req, = [r for r in reqs if r.name == "torch"]
+    assert torch_req.specifier.contains("2.11.0") and torch_req.specifier.contains(version("torch"))
 
 
 # ==============================================================================================
