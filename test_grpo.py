@@ -1010,8 +1010,8 @@ def test_cpu_test_set_keeps_the_torch_of_a_gpu_env_and_of_this_one():
     CPU test set's torch requirement does not accept, which would break vLLM in a GPU env."""
     from importlib.metadata import version
     from packaging.requirements import Requirement
-    reqs = [Requirement(line.split("#")[0]) for line in open(os.path.join(HERE, "requirements-cpu.txt"))
-            if line.split("#")[0].strip()]
+    lines = [line.split("#")[0].strip() for line in open(os.path.join(HERE, "requirements-cpu.txt"))]
+    reqs = [Requirement(line) for line in lines if line]
     torch_req, = [r for r in reqs if r.name == "torch"]
     assert torch_req.specifier.contains("2.11.0") and torch_req.specifier.contains(version("torch"))
 
