@@ -1911,7 +1911,7 @@ def run(args):
     log0(f"saved the policy to {final}")
     if wandb_run is not None:
         wandb_run.finish()
-    prepare.close_reward_pool()
+    prepare.close_reward_workers()
     del llm
     convert.shutdown_distributed()
 

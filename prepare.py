@@ -23,14 +23,18 @@ This module also holds the reward (`math_reward`, `score_responses`): it is plai
 no GPU imports, so the reward's worker processes start fast and tests import it cheaply.
 """
 import argparse
+import atexit
+import collections
 import glob
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
 import threading
 import time
+import types
 
 DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 MODELSCOPE_DATASET = "AI-ModelScope/MATH-lighteval"
@@ -101,7 +105,7 @@ def math_reward(response, ground_truth, timeout_s=5):
 
     Never raises and never hangs: sympy can loop for minutes on adversarial input, so each parse
     and compare is bounded by math-verify's SIGALRM timeout (main thread only; elsewhere it runs
-    unbounded and `score_responses`' deadline is the guard), and any error scores 0.
+    unbounded and `score_responses`' stall limit is the guard), and any error scores 0.
     """
     pred_box = last_boxed(response)
     if pred_box is None or ground_truth is None:
@@ -118,53 +122,190 @@ def math_reward(response, ground_truth, timeout_s=5):
         return 0.0
 
 
-def _reward_worker_init():
-    # Workers ignore Ctrl-C: the parent decides when to stop them.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# How long a reward worker may go without finishing an answer before it is declared hung, by
+# default: math_reward runs at most two parses and four comparisons (gold and answer each parse
+# to a sympy form and a string), each cut off by SIGALRM after timeout_s, so a worker alive in
+# Python finishes any answer within 6 * timeout_s; the 10 s on top is slack for the unguarded
+# rest (box extraction, IPC) on a busy machine. Only a hang SIGALRM cannot reach gets past it.
+def default_stall_s(timeout_s):
+    return 6 * timeout_s + 10
 
 
-def _reward_chunk(args):
-    responses, truths, timeout_s = args
-    return [math_reward(r, g, timeout_s) for r, g in zip(responses, truths)]
+# A worker must import math-verify (sympy: seconds on a busy node) before it says "ready"; one
+# that has not after this long is broken, and scoring stops with an error instead of waiting.
+WORKER_START_S = 300
+
+_WORKERS = []          # the live reward workers, reused across steps
+_WORKERS_KEY = None    # (num_workers, reward_fn) they were started for
 
 
-_POOL = None
+def _reward_worker(conn, reward_fn):
+    """One reward process. Says "ready" once its imports are done, then scores the answers the
+    parent sends, [(index, response, ground_truth), ...], and sends each reward back the moment it
+    is known: the parent then knows exactly which answer a silent worker is stuck on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the trainer's to handle; it stops us
+    import math_verify  # noqa: F401  (before "ready": a slow import is not a hung answer)
+    conn.send("ready")
+    while True:
+        try:
+            items, timeout_s = conn.recv()
+        except EOFError:                           # the parent is gone
+            return
+        for i, response, truth in items:
+            try:
+                conn.send((i, float(reward_fn(response, truth, timeout_s))))
+            except Exception as e:                 # a bug in reward_fn: re-raised in the parent
+                conn.send((i, e))
 
 
-def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, deadline_s=60.0):
-    """Rewards for a batch, scored in `num_workers` processes; list of floats.
+def _start_worker(reward_fn):
+    # "forkserver": workers fork from a clean server process that never touched CUDA or vLLM
+    # (forking the trainer itself is unsafe). The server imports the main script (__main__)
+    # without running its `if __name__ == "__main__"` block.
+    ctx = multiprocessing.get_context("forkserver")
+    conn, child_conn = ctx.Pipe()
+    proc = ctx.Process(target=_reward_worker, args=(child_conn, reward_fn), daemon=True)
+    proc.start()
+    child_conn.close()
+    return types.SimpleNamespace(proc=proc, conn=conn, ready=False, items=collections.deque(),
+                                 since=time.monotonic())
+
+
+def _stop_worker(w):
+    w.proc.kill()       # SIGKILL: a hung worker may block every other signal
+    w.proc.join()
+    w.conn.close()
+
+
+def close_reward_workers():
+    """Stop the reward workers (the trainer calls this at the end; atexit does it otherwise).
+
+    Without it the processes are torn down in interpreter shutdown, in whatever order the modules
+    go, which is where multiprocessing's Pool used to print "Exception ignored in Pool.__del__"."""
+    global _WORKERS, _WORKERS_KEY
+    for w in _WORKERS:
+        _stop_worker(w)
+    _WORKERS, _WORKERS_KEY = [], None
+
+
+def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, stall_s=None, reward_fn=math_reward):
+    """Rewards for a batch, scored in `num_workers` processes: (rewards, timed_out).
+
+    rewards: one float per response. timed_out: how many of them scored 0 because their worker
+    hung or died on them (the caller logs it; it should stay 0).
 
     Why processes: math-verify's timeouts use SIGALRM, which only fires in a main thread, and
     one slow sympy comparison must not stall a rank that 7 others wait for at the next
-    collective. The pool is started once with "forkserver" (a clean process that never touched
-    CUDA or vLLM; forking the trainer itself is unsafe) and reused across steps. If a chunk is
-    not back `deadline_s` after the batch was sent (a hang inside C code that SIGALRM cannot
-    break), its responses score 0 and the pool is replaced.
+    collective. The workers are started once and reused across steps.
+
+    Why one answer can cost only itself: each worker holds a few answers at a time and reports
+    each reward as it finishes, so the parent knows which answer a worker is on. A worker that
+    finishes nothing for `stall_s` seconds (default `default_stall_s(timeout_s)`, past anything
+    SIGALRM lets through) is hung inside C code: it is killed, that one answer scores 0 and is
+    counted, its other answers go to the remaining workers, and a new worker takes its place.
+    A worker that dies is handled the same way. The others keep scoring meanwhile: a hung answer
+    delays its batch by about `stall_s`, and hangs in different workers overlap.
+
+    num_workers=0 scores in this process (math_reward's own timeouts only; timed_out is 0).
+    `reward_fn(response, ground_truth, timeout_s)` exists for the tests, which pass a function
+    that hangs where SIGALRM cannot reach; it must be importable by name (module level).
+
+    Example (2 workers; the second answer sends sympy into a loop SIGALRM cannot break):
+        score_responses([r"\\boxed{2}", <hang>, r"\\boxed{3}"], ["2", "1", "4"], num_workers=2)
+        -> ([1.0, 0.0, 0.0], 1)        # after about stall_s seconds
     """
-    global _POOL
+    global _WORKERS, _WORKERS_KEY
     assert len(responses) == len(ground_truths)
     if num_workers <= 0 or len(responses) == 0:
-        return [math_reward(r, g, timeout_s) for r, g in zip(responses, ground_truths)]
-    if _POOL is None:
-        ctx = multiprocessing.get_context("forkserver")
-        _POOL = ctx.Pool(num_workers, initializer=_reward_worker_init)
-    # ~4 chunks per worker: balances long and short responses without per-item IPC overhead.
-    n_chunks = min(len(responses), 4 * num_workers)
-    bounds = [len(responses) * k // n_chunks for k in range(n_chunks + 1)]
-    jobs = [_POOL.apply_async(_reward_chunk, ((responses[a:b], ground_truths[a:b], timeout_s),))
-            for a, b in zip(bounds[:-1], bounds[1:])]
-    stop = time.monotonic() + deadline_s
-    rewards, hung = [], False
-    for job, a, b in zip(jobs, bounds[:-1], bounds[1:]):
-        try:
-            rewards += job.get(timeout=max(0.0, stop - time.monotonic()))
-        except multiprocessing.TimeoutError:
-            rewards += [0.0] * (b - a)
-            hung = True
-    if hung:
-        _POOL.terminate()
-        _POOL = None
-    return rewards
+        return [reward_fn(r, g, timeout_s) for r, g in zip(responses, ground_truths)], 0
+    stall_s = default_stall_s(timeout_s) if stall_s is None else stall_s
+    if _WORKERS_KEY != (num_workers, reward_fn):
+        close_reward_workers()
+        _WORKERS = [_start_worker(reward_fn) for _ in range(num_workers)]
+        _WORKERS_KEY = (num_workers, reward_fn)
+    # Answers go out a few at a time: one per message would cost a round trip each, and the
+    # whole batch in one message would leave idle workers at the end. A worker holds up to two
+    # messages, so the next one is already there when it finishes one.
+    per_message = max(1, min(16, len(responses) // (4 * num_workers)))
+    todo = collections.deque(range(len(responses)))    # indices not yet sent to a worker
+    rewards, left, timed_out = [None] * len(responses), len(responses), 0
+
+    def replace(w):
+        _stop_worker(w)
+        _WORKERS[_WORKERS.index(w)] = _start_worker(reward_fn)
+
+    def lost(w):
+        """w hung or died holding answers: the one it was on scores 0 and is counted, the others
+        go back in the queue, and a fresh worker takes its slot."""
+        nonlocal left, timed_out
+        i = w.items.popleft()
+        rewards[i], left, timed_out = 0.0, left - 1, timed_out + 1
+        todo.extendleft(reversed(w.items))
+        replace(w)
+
+    try:
+        while left:
+            now = time.monotonic()
+            for w in _WORKERS:
+                while w.ready and todo and len(w.items) <= per_message:
+                    if not w.items:
+                        w.since = now                  # idle until now: its clock starts here
+                    batch = [todo.popleft() for _ in range(min(per_message, len(todo)))]
+                    try:
+                        w.conn.send(([(i, responses[i], ground_truths[i]) for i in batch], timeout_s))
+                    except OSError:                    # it died; the receive below finds out
+                        todo.extendleft(reversed(batch))
+                        break
+                    w.items.extend(batch)
+            limits = [w.since + (stall_s if w.ready else WORKER_START_S) for w in _WORKERS if w.items or not w.ready]
+            ready = multiprocessing.connection.wait([w.conn for w in _WORKERS], max(0.0, min(limits) - now))
+            # A short answer is scored in far less than this pause: collecting for a moment lets one
+            # wake-up of this process read many rewards, instead of one wake-up per answer taking
+            # CPU from the workers.
+            time.sleep(0.005)
+            for conn in ready:
+                w = next(w for w in _WORKERS if w.conn is conn)
+                while True:                            # all that this worker has sent so far
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):        # it died (killed, or crashed in C code)
+                        if not w.ready:
+                            raise RuntimeError("a reward worker died while starting (is the main script's top level "
+                                               "safe to import? forkserver imports it)")
+                        if w.items:
+                            lost(w)
+                        else:
+                            replace(w)
+                        break
+                    w.since = time.monotonic()
+                    if msg == "ready":
+                        w.ready = True
+                    else:
+                        i, reward = msg
+                        if isinstance(reward, Exception):
+                            raise reward
+                        w.items.remove(i)
+                        rewards[i], left = reward, left - 1
+                    if not conn.poll():
+                        break
+            now = time.monotonic()
+            for w in list(_WORKERS):
+                if w.items and now - w.since > stall_s:
+                    lost(w)                            # hung where SIGALRM cannot reach
+                elif not w.ready and now - w.since > WORKER_START_S:
+                    raise RuntimeError(f"a reward worker did not start within {WORKER_START_S} s")
+    except BaseException:
+        # Ctrl-C or a bug mid-batch: the workers still hold answers of this batch, whose rewards
+        # would arrive in the next call. Start clean instead.
+        close_reward_workers()
+        raise
+    return rewards, timed_out
+
+
+# Registered after multiprocessing's own exit handler (multiprocessing.connection, imported above,
+# installs it), so this runs first: that one would SIGTERM the workers and wait, and a hung
+# worker may be deaf to SIGTERM.
+atexit.register(close_reward_workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,13 +327,51 @@ def make_row(problem, solution, level, type_, split, index):
     }
 
 
-def write_jsonl_atomic(rows, path):
-    """Write JSON lines to path.tmp, then rename: an interrupted run leaves no half file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+def write_jsonl(rows, path):
+    with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+
+def write_prompt_set(outputs, local_dir):
+    """Write {"train": rows, "test": rows} as local_dir/train.json and test.json, both or neither.
+
+    run.sh takes the data step as done when both files exist, so a half-finished write must
+    never leave a pair that looks complete (a new train.json next to a stale test.json). The order:
+    remove the old train.json, then the old test.json (from here on no complete pair exists);
+    write both to .tmp files; rename test, then train *last*: train.json appears only once its
+    test.json from the same run is in place. A failure (disk full, unwritable folder) removes
+    the .tmp files this run made and ends in one line.
+    """
+    final = {split: os.path.join(local_dir, f"{split}.json") for split in ("train", "test")}
+    made = []
+    try:
+        for split in ("train", "test"):
+            if os.path.lexists(final[split]):
+                os.remove(final[split])
+        for split in ("train", "test"):
+            tmp = final[split] + ".tmp"
+            made.append(tmp)          # before open: a half-written file is ours to remove too
+            write_jsonl(outputs[split], tmp)
+        os.replace(final["test"] + ".tmp", final["test"])
+        os.replace(final["train"] + ".tmp", final["train"])
+    except OSError as e:
+        for tmp in made:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+        die(f"cannot write {e.filename or local_dir}: {e.strerror or e}; no prompt set was written to {local_dir}")
+
+
+def check_output_dir(local_dir):
+    """Create local_dir if needed; one line if it is a file or not writable, before any reading."""
+    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
+        die(f"--local_dir {local_dir} is a file; pass a folder for train.json and test.json")
+    try:
+        os.makedirs(local_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --local_dir {local_dir}: {e.strerror or e}")
+    if not os.access(local_dir, os.W_OK | os.X_OK):
+        die(f"--local_dir {local_dir} is not writable")
 
 
 def preprocess(input_dir, local_dir):
@@ -208,10 +387,10 @@ def preprocess(input_dir, local_dir):
     for split, found in files.items():
         if not found:
             die(f"no {split}-*.parquet under {os.path.join(input_dir, 'data')}; expected the MATH-lighteval layout data/{{train,test}}-*.parquet")
+    check_output_dir(local_dir)
     import datasets
     from tqdm import tqdm
     datasets.disable_progress_bars()
-    os.makedirs(local_dir, exist_ok=True)
     summary, outputs = {}, {}
     for split, found in files.items():
         try:
@@ -230,10 +409,8 @@ def preprocess(input_dir, local_dir):
                 rows.append(row)
         outputs[split] = rows
         summary[split] = (len(rows), skipped)
-    # Both splits are validated before either file is written, so a failure never leaves a new
-    # train.json next to a stale test.json.
-    for split, rows in outputs.items():
-        write_jsonl_atomic(rows, os.path.join(local_dir, f"{split}.json"))
+    # Both splits are read and checked before anything is written.
+    write_prompt_set(outputs, local_dir)
     return summary
 
 

@@ -36,21 +36,35 @@ Environment variables (default in brackets):
   enable_wandb    True: log to wandb (offline if there is no network)        [False]
   wandb_project   wandb project                                              [grpo-megatron]
   WANDB_API_KEY   wandb key (never printed)                                  [unset]
-  DRY_RUN         1: same as --dry-run                                       [0]
+  DRY_RUN         True: same as --dry-run                                    [False]
+
+enable_wandb and DRY_RUN take True/true/1 or False/false/0 (empty = False).
+Before step 1, `python grpo.py --check-flags` checks the flags for grpo.py.
 EOF
 }
 
-DRY_RUN=${DRY_RUN:-0}
+DRY_RUN=${DRY_RUN:-False}
 extra=()
 for a in "$@"; do
   case "$a" in
     -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
+    --dry-run) DRY_RUN=True ;;
     *) extra+=("$a") ;;
   esac
 done
 
 die() { echo "error: $*" >&2; exit 1; }
+
+# on NAME: whether the switch NAME is on. The one reading of every True/False variable, so that
+# no spelling can mean "on" to one switch and "off" to another (DRY_RUN=true once ran the real
+# pipeline); anything else is a one-line error, never a silent False.
+on() {
+  case "${!1}" in
+    True|true|1) return 0 ;;
+    False|false|0|"") return 1 ;;
+    *) die "$1=${!1}: use True or False" ;;
+  esac
+}
 
 MODEL_SIZE=${MODEL_SIZE:-7B}
 case "$MODEL_SIZE" in
@@ -75,17 +89,16 @@ enable_wandb=${enable_wandb:-False}
 wandb_project=${wandb_project:-grpo-megatron}
 
 for v in GPUS_PER_NODE TP PP NNODES NODE_RANK MASTER_PORT; do
-  [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 0 ]] || die "$v=${!v} is not a number"
+  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v=${!v} is not a number"
+  # bash arithmetic reads a leading 0 as octal (TP=08 is an error, TP=010 is 8); 10# reads decimal
+  printf -v "$v" %d "$(( 10#${!v} ))"
 done
 (( TP >= 1 && PP >= 1 && GPUS_PER_NODE >= 1 && NNODES >= 1 )) || die "TP, PP, GPUS_PER_NODE and NNODES must be >= 1"
 world=$(( GPUS_PER_NODE * NNODES ))
 (( world % (TP * PP) == 0 )) || die "$world GPUs cannot be split into TP=$TP x PP=$PP groups; use GPUS_PER_NODE x NNODES divisible by $(( TP * PP ))"
 (( TP * PP <= GPUS_PER_NODE )) || die "conversion runs TP x PP = $(( TP * PP )) processes on one node, more than GPUS_PER_NODE=$GPUS_PER_NODE"
-case "$enable_wandb" in
-  True|true|1) wandb_on=1 ;;
-  False|false|0|"") wandb_on=0 ;;
-  *) die "enable_wandb=$enable_wandb: use True or False" ;;
-esac
+dry_run=0; on DRY_RUN && dry_run=1
+wandb_on=0; on enable_wandb && wandb_on=1
 
 echo "settings: MODEL_SIZE=$MODEL_SIZE MODEL_DIR=$MODEL_DIR DATA_DIR=$DATA_DIR CKPT_DIR=$CKPT_DIR"
 echo "          GPUS_PER_NODE=$GPUS_PER_NODE NNODES=$NNODES NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT TP=$TP PP=$PP"
@@ -94,15 +107,35 @@ echo "          grpo.py extra flags: ${extra[*]:-(none)}"
 
 run() {   # print a step's command; run it unless this is a dry run
   echo "+ $*"
-  [[ $DRY_RUN == 1 ]] || "$@"
+  (( dry_run )) || "$@"
 }
 skip() { echo "= skip: $*"; }
+check() {   # print a check's command; unless this is a dry run, run it and stop with its error line
+  echo "+ $*"
+  (( dry_run )) && return 0
+  local err
+  err=$("$@" 2>&1 >/dev/null) && return 0
+  # Our scripts end a user mistake in one "error: ..." line; anything else is a bug: show it all.
+  grep -q '^error: ' <<<"$err" || { echo "$err" >&2; die "${*:1:3} failed (output above)"; }
+  grep '^error: ' <<<"$err" | tail -n 1 >&2
+  exit 1
+}
 
 MCORE=$CKPT_DIR/mcore
 OUT=$CKPT_DIR/grpo
 HF_OUT=$CKPT_DIR/hf
 convert_cmd=(python convert.py)
-(( TP * PP > 1 )) && convert_cmd=(torchrun --nproc_per_node $(( TP * PP )) convert.py)
+(( TP * PP > 1 )) && convert_cmd=(torchrun --nproc_per_node $(( TP * PP )) --master_port "$MASTER_PORT" convert.py)
+
+wandb_args=()
+(( wandb_on )) && wandb_args=(--wandb-project "$wandb_project")
+grpo_flags=(--load "$MCORE" --hf-dir "$MODEL_DIR" --data "$DATA_DIR" --out "$OUT" --model-size "$MODEL_SIZE"
+            --tp "$TP" --pp "$PP" "${wandb_args[@]}" "${extra[@]}")
+
+# 0. grpo.py's flags, now: a typo would otherwise surface in step 4, after the downloads and the
+# conversion. --check-flags only parses and validates them (no files, no GPUs), and with the
+# world size it checks that the step's prompts divide over the data-parallel ranks too.
+check python grpo.py --world-size "$world" --check-flags "${grpo_flags[@]}"
 
 if (( NODE_RANK == 0 )); then
   # 1. data
@@ -133,11 +166,8 @@ if (( NODE_RANK == 0 )); then
 fi
 
 # 4. train (resumes from $OUT/checkpoints by itself)
-wandb_args=()
-(( wandb_on )) && wandb_args=(--wandb-project "$wandb_project")
 run torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    --nproc_per_node "$GPUS_PER_NODE" grpo.py --load "$MCORE" --hf-dir "$MODEL_DIR" --data "$DATA_DIR" \
-    --out "$OUT" --model-size "$MODEL_SIZE" --tp "$TP" --pp "$PP" "${wandb_args[@]}" "${extra[@]}"
+    --nproc_per_node "$GPUS_PER_NODE" grpo.py "${grpo_flags[@]}"
 
 # 5. final policy -> HF (loadable by transformers and vLLM)
 if (( NODE_RANK == 0 )); then

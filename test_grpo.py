@@ -1,7 +1,7 @@
 """The specification of prepare.py, convert.py and grpo.py, as tests.
 
     python -m pytest -q test_grpo.py            # CPU: everything but the `gpu` tests
-    python -m pytest -q -m gpu test_grpo.py     # on a CUDA machine with vllm installed
+    python -m pytest -q -k gpu test_grpo.py     # on a CUDA machine with vllm installed
 
 Nothing is downloaded: the fixtures write MATH-lighteval-shaped parquet files and tiny random
 Qwen2-shaped checkpoints into pytest's tmp dirs.
@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -116,6 +117,28 @@ def test_prepare_missing_column_is_one_line_error(tmp_path):
     assert_one_line_error(p, "problem", "solution")
 
 
+def test_prepare_local_dir_that_is_a_file_is_one_line_error_and_writes_nothing(math_dir, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    p = run_script("prepare.py", "--input_dir", math_dir, "--local_dir", str(target))
+    assert_one_line_error(p, str(target), "is a file")
+    assert sorted(os.listdir(tmp_path)) == ["MATH-lighteval", "out"] and target.read_text() == "not a folder"
+
+
+def test_prepare_failing_on_the_second_file_leaves_no_new_train_json_beside_the_old_test_json(math_dir, tmp_path):
+    """run.sh takes the data step as done when both files exist: a failed write must not leave a
+    pair that looks done. Here test.json's temp file cannot be opened (a folder sits there)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.json").write_text("old train\n")
+    (out / "test.json").write_text("old test\n")
+    (out / "test.json.tmp").mkdir()
+    p = run_script("prepare.py", "--input_dir", math_dir, "--local_dir", str(out))
+    assert_one_line_error(p, "test.json.tmp")
+    assert not (out / "train.json").exists() or (out / "train.json").read_text() == "old train\n"
+    assert set(os.listdir(out)) <= {"train.json", "test.json", "test.json.tmp"}   # no temp file of ours left
+
+
 def test_download_offline_is_one_line_error(tmp_path):
     p = run_script("prepare.py", "download", "--local_dir", str(tmp_path / "d"), timeout=300)
     assert_one_line_error(p, "AI-ModelScope/MATH-lighteval", "modelscope")
@@ -193,8 +216,74 @@ def test_math_reward_times_out_on_pathological_input():
 def test_score_responses_matches_math_reward_in_worker_processes():
     responses = [f"\\boxed{{\\frac{{{i}}}{{2}}}}" for i in range(200)] + ["no box", "\\boxed{\\sum_{n=1}^{10^{9}} n^{n}}"]
     truths = [f"{i % 3}/2" for i in range(200)] + ["1", "5"]
-    rewards = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
+    rewards, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
     assert rewards == [1.0 if i < 3 else 0.0 for i in range(200)] + [0.0, 0.0]
+    assert timed_out == 0                      # SIGALRM stopped the pathological one in time
+
+
+def reward_hangs_on_marker(response, ground_truth, timeout_s):
+    """math_reward, except that the response "HANG" blocks where neither SIGALRM nor SIGTERM can
+    reach it, as sympy stuck in C code would. Module level: forkserver workers import it by name."""
+    import signal
+    if response == "HANG":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+        time.sleep(3600)
+    return prepare.math_reward(response, ground_truth, timeout_s)
+
+
+def reward_dies_on_marker(response, ground_truth, timeout_s):
+    """math_reward, except that the response "DIE" ends the worker process on the spot."""
+    if response == "DIE":
+        os._exit(1)
+    return prepare.math_reward(response, ground_truth, timeout_s)
+
+
+def test_score_responses_zeroes_and_counts_only_the_answer_that_hangs():
+    responses = [f"\\boxed{{{i}}}" for i in range(64)]
+    responses[5] = "HANG"
+    truths = [str(i) for i in range(64)]                     # every other answer is right
+    prepare.score_responses(["\\boxed{1}"], ["1"], num_workers=2, reward_fn=reward_hangs_on_marker)  # start
+    t = time.time()
+    rewards, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1, stall_s=3,
+                                                 reward_fn=reward_hangs_on_marker)
+    elapsed = time.time() - t
+    prepare.close_reward_workers()
+    assert rewards == [0.0 if i == 5 else 1.0 for i in range(64)]
+    assert timed_out == 1
+    assert 3 <= elapsed < 30                   # waited out the stall once, then went on
+
+
+def test_score_responses_survives_a_worker_that_dies():
+    responses = [f"\\boxed{{{i}}}" for i in range(32)]
+    responses[7] = "DIE"
+    rewards, timed_out = prepare.score_responses(responses, [str(i) for i in range(32)], num_workers=2,
+                                                 reward_fn=reward_dies_on_marker)
+    again, _ = prepare.score_responses(["\\boxed{2}"] * 4, ["2"] * 4, num_workers=2, reward_fn=reward_dies_on_marker)
+    prepare.close_reward_workers()
+    assert rewards == [0.0 if i == 7 else 1.0 for i in range(32)] and timed_out == 1
+    assert again == [1.0] * 4                  # the dead worker was replaced
+
+
+def test_close_reward_workers_stops_the_worker_processes():
+    import multiprocessing
+    before = {p.pid for p in multiprocessing.active_children()}
+    prepare.score_responses(["\\boxed{1}"] * 4, ["1"] * 4, num_workers=2)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    prepare.close_reward_workers()
+    assert len(workers) == 2
+    assert not workers & {p.pid for p in multiprocessing.active_children()}
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_process_that_scored_in_workers_exits_without_teardown_errors():
+    # With torch imported (as in the trainer), interpreter teardown used to reach the reward
+    # pool after multiprocessing's pickler was gone: "Exception ignored in Pool.__del__".
+    p = run_script("-c", "import torch, prepare; "
+                   "print(prepare.score_responses(['\\\\boxed{1}'] * 4, ['1'] * 4, num_workers=2))")
+    assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 0 and p.stdout.strip() == "([1.0, 1.0, 1.0, 1.0], 0)"
 
 
 # ==============================================================================================
@@ -1526,7 +1615,8 @@ def trainstep_main(argv):
 # ==============================================================================================
 def run_sh_env(env=None):
     """This process's environment without run.sh's settings, plus `env`."""
-    e = {k: v for k, v in os.environ.items() if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb")}
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb", "DRY_RUN", "MASTER_PORT")}
     e.update(env or {})
     return e
 
@@ -1552,11 +1642,13 @@ def test_run_sh_dry_run_prints_the_pipeline_and_never_the_key(tmp_path):
     assert "sk-very-secret" not in p.stdout + p.stderr and "WANDB_API_KEY=set" in p.stdout
     cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("+ ")]
     assert [c.split()[1] if c.startswith("python") else c.split()[0] for c in cmds] == \
-        ["prepare.py", "prepare.py", "prepare.py", "torchrun", "torchrun", "torchrun"]
+        ["grpo.py", "prepare.py", "prepare.py", "prepare.py", "torchrun", "torchrun", "torchrun"]
+    check, cmds = cmds[0], cmds[1:]
     assert "download --local_dir" in cmds[0] and "download-model --model Qwen/Qwen2.5-7B-Instruct" in cmds[2]
-    assert "--nproc_per_node 2 convert.py 7B" in cmds[3] and "--tp 2 --pp 1" in cmds[3]          # 7B: TP=2 default
+    assert "--nproc_per_node 2 --master_port 29500 convert.py 7B" in cmds[3] and "--tp 2 --pp 1" in cmds[3]  # 7B: TP=2
     assert "--nproc_per_node 8 grpo.py" in cmds[4] and "--wandb-project grpo-megatron --steps 5" in cmds[4]
     assert cmds[5].endswith(f"true true bf16 {tmp_path / 'm'} --tp 2 --pp 1 --force")
+    assert check.split(" --check-flags ")[1] == cmds[4].split(" grpo.py ")[1]    # the flags training gets
     assert not os.path.exists(tmp_path / "ck")                                                    # ran nothing
 
 
@@ -1571,8 +1663,8 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
                                  "DATA_DIR": str(data), "MODEL_DIR": str(tmp_path / "m")})
     assert p.returncode == 0, p.stderr
     cmds = [line for line in p.stdout.splitlines() if line.startswith("+ ")]
-    assert len(cmds) == 2 and "grpo.py" in cmds[0] and "convert.py 0.5B" in cmds[1]
-    assert p.stdout.count("= skip:") == 3 and "--wandb-project" not in cmds[0]
+    assert len(cmds) == 3 and "--check-flags" in cmds[0] and "grpo.py" in cmds[1] and "convert.py 0.5B" in cmds[2]
+    assert p.stdout.count("= skip:") == 3 and "--wandb-project" not in cmds[1]
 
 
 @pytest.mark.parametrize("env,words", [
@@ -1585,6 +1677,85 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
 ])
 def test_run_sh_bad_settings_fail_with_one_line(env, words):
     assert_one_line_error(run_sh("--dry-run", env=env), *words)
+
+
+def done_steps_1_and_2(tmp_path):
+    """Settings whose data and model steps are done, so that a run that is not dry goes straight
+    to the conversion (which fails fast on a CPU machine) and never to a download."""
+    for d, files in (("data", ("train.json", "test.json")), ("m", ("config.json",))):
+        (tmp_path / d).mkdir()
+        for f in files:
+            (tmp_path / d / f).write_text("{}")
+    return {"MODEL_SIZE": "0.5B", "GPUS_PER_NODE": "1", "DATA_DIR": str(tmp_path / "data"),
+            "MODEL_DIR": str(tmp_path / "m"), "CKPT_DIR": str(tmp_path / "ck")}
+
+
+@pytest.mark.parametrize("value", ["True", "true", "1"])
+def test_run_sh_dry_run_variable_takes_the_spellings_of_enable_wandb(tmp_path, value):
+    p = run_sh(env=dict(done_steps_1_and_2(tmp_path), DRY_RUN=value))
+    assert p.returncode == 0, p.stderr
+    assert "+ python convert.py 0.5B" in p.stdout and not os.path.exists(tmp_path / "ck")     # printed, not run
+
+
+@pytest.mark.parametrize("value", ["yes", "2"])
+def test_run_sh_dry_run_variable_rejects_other_spellings(tmp_path, value):
+    p = run_sh(env=dict(done_steps_1_and_2(tmp_path), DRY_RUN=value))
+    assert_one_line_error(p, f"DRY_RUN={value}")
+    assert "+ " not in p.stdout
+
+
+def test_run_sh_reads_numbers_with_leading_zeros_as_decimal(tmp_path):
+    p = run_sh("--dry-run", env={"MODEL_SIZE": "7B", "GPUS_PER_NODE": "08", "TP": "08", "MASTER_PORT": "029501",
+                                 "CKPT_DIR": str(tmp_path / "ck")})
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    train = next(line for line in p.stdout.splitlines() if line.startswith("+ torchrun --nnodes"))
+    assert "--master_port 29501 --nproc_per_node 8 grpo.py" in train and "--tp 8 --pp 1" in train
+
+
+def test_run_sh_conversion_and_export_use_master_port(tmp_path):
+    p = run_sh("--dry-run", env={"MODEL_SIZE": "7B", "GPUS_PER_NODE": "2", "MASTER_PORT": "29517",
+                                 "CKPT_DIR": str(tmp_path / "ck")})
+    assert p.returncode == 0, p.stderr
+    converts = [line for line in p.stdout.splitlines() if line.startswith("+ torchrun") and "convert.py" in line]
+    assert len(converts) == 2 and all("--master_port 29517 " in c for c in converts), converts
+
+
+def test_run_sh_stops_at_a_grpo_flag_typo_with_grpo_errors_line_before_step_1(math_dir, tmp_path):
+    env = done_steps_1_and_2(tmp_path)
+    shutil.rmtree(env["DATA_DIR"])
+    shutil.copytree(math_dir, env["DATA_DIR"])         # parquet only: step 1 would write train.json
+    p = run_sh("--stepz", "5", env=env)
+    assert_one_line_error(p, "--stepz")
+    assert p.stderr.strip().splitlines()[-1] == run_script("grpo.py", "--stepz", "5").stderr.strip().splitlines()[-1]
+    assert not os.path.exists(os.path.join(env["DATA_DIR"], "train.json"))
+
+
+def test_run_sh_stops_at_prompts_that_do_not_divide_over_the_gpus_before_step_1(math_dir, tmp_path):
+    env = done_steps_1_and_2(tmp_path)
+    shutil.rmtree(env["DATA_DIR"])
+    shutil.copytree(math_dir, env["DATA_DIR"])
+    p = run_sh("--prompts-per-step", "12", env=dict(env, GPUS_PER_NODE="8"))
+    assert_one_line_error(p, "--prompts-per-step 12", "multiple of 8")
+    assert not os.path.exists(os.path.join(env["DATA_DIR"], "train.json"))
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("Run the tests", 1)[1].split("\n\n")[1]       # the indented block after that line
+    commands = [line[4:] for line in block.splitlines()]
+    ci = open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+    assert len(commands) >= 2 and ci[-len(commands):] == commands
+
+
+def test_cpu_test_set_keeps_the_torch_of_a_gpu_env_and_of_this_one():
+    """vllm 0.26.0 (requirements.txt) pins torch 2.11.0; pip replaces an installed torch that the
+    CPU test set's torch requirement does not accept, which would break vLLM in a GPU env."""
+    from importlib.metadata import version
+    from packaging.requirements import Requirement
+    lines = [line.split("#")[0].strip() for line in open(os.path.join(HERE, "requirements-cpu.txt"))]
+    reqs = [Requirement(line) for line in lines if line]
+    torch_req, = [r for r in reqs if r.name == "torch"]
+    assert torch_req.specifier.contains("2.11.0") and torch_req.specifier.contains(version("torch"))
 
 
 # ==============================================================================================
