@@ -246,17 +246,20 @@ def logp_diff_verdict(diffs, warn, stop, first_steps=3):
     return "warn" if diffs and diffs[-1] > warn else "ok"
 
 
-def rollout_seed(seed, step, engine, stream=0):
-    """The seed of one engine's sampling in one step (stream 0: evaluation, 1 + k: the k-th
-    rollout round; other numbers for other draws, e.g. the mini-batch shuffle).
+def rollout_seed(seed, step, engine, stream=0, index=0):
+    """The sampling seed of one request: prompt `index` of one engine's share in one step
+    (stream 0: evaluation, 1 + k: the k-th rollout round; other numbers for other draws, e.g.
+    the mini-batch shuffle). 62 bits: vLLM keeps seeds as int64 and seeds sample j of a request
+    with seed + j.
 
-    vLLM samples with torch's global CUDA generator (requests without a seed of their own), and
-    seeds it only when the engine starts. Reseeding it from (seed, step, engine) before every
-    generate makes each step's samples a function of the step alone, so a run resumed after step
-    k draws in step k+1 exactly what it would have drawn without the interruption, and TP peers
-    (one engine) draw the same tokens. Different engines get different seeds, or all
-    data-parallel groups would sample the same texts."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{engine}/{stream}".encode()).digest()[:8], "little")
+    vLLM's sampler draws each request's noise from the request's own seed; a request without one
+    gets a seed from numpy's global stream, which the engine seeds only when it starts. Seeding
+    every request from (seed, step, engine, stream, index) makes each step's samples a function
+    of the step alone: a run resumed after step k draws in step k+1 exactly what it would have
+    drawn without the interruption (and preempted requests redraw the same tokens). Different
+    engines get different seeds, or all data-parallel groups would sample the same texts."""
+    digest = hashlib.sha256(f"{seed}/{step}/{engine}/{stream}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
 # ==============================================================================================
@@ -378,8 +381,14 @@ def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
         params_dtype=dtype, use_distributed_optimizer=args.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     apply_weight_decay_multipliers(optimizer, args.weight_decay)
-    if device != "cpu":
-        keep_optimizer_share_on_cpu(optimizer, args.optimizer_cpu_offload or 0.0)
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            # torch's default "foreach" AdamW computes each step's temporaries for all parameters
+            # at once (4 more bytes per parameter at the step's peak); one tensor at a time they
+            # are the size of the largest tensor, for a few milliseconds more per step.
+            group["foreach"] = False
+    if args.adam_moments == "host":
+        stream_adam_moments(optimizer)
     return ddp, optimizer
 
 
@@ -393,38 +402,43 @@ def recompute_settings(recompute):
     return {}
 
 
-def keep_optimizer_share_on_cpu(optimizer, fraction):
-    """--optimizer-cpu-offload F: the fp32 master weights and Adam moments of the largest
-    parameters, F of them by size, live in host memory for good, and their Adam step runs on the
-    CPU. It trades step time (a CPU Adam over that share, and its gradients copied to the host)
-    for up to 12 bytes per parameter of GPU memory: the lever left when the weights, gradients
-    and optimizer state alone nearly fill a GPU (Qwen2.5-7B on one 141 GB GPU).
+def stream_adam_moments(optimizer):
+    """--adam-moments host: Adam's two moments (8 of the 12 bytes per parameter of optimizer state)
+    live in pinned host memory for good and visit the GPU one parameter at a time, during its own
+    update in optimizer.step(). The step then needs the fp32 master weights on the GPU, and the
+    moments of one tensor: the lever for models whose weights, gradients and optimizer state
+    alone nearly fill a GPU (Qwen2.5-7B on one 141 GB GPU). It costs the moments' trip over PCIe
+    and back every step.
 
-    Megatron's own HybridDeviceOptimizer does this too, but in megatron-core 0.16.1 it needs
-    Transformer Engine (its precision-aware optimizer), which this project does without. Here
-    the inner torch AdamW does it: it groups its tensors by device, so CPU and GPU parameters
-    step side by side once each CPU parameter's gradient is on the CPU, which a step pre-hook
-    arranges after Megatron has computed the gradient norm and clipped on the GPU. Megatron then
-    copies the updated fp32 master weights into the GPU's bf16 weights as always."""
-    if not fraction:
-        return
-    inners = list(_torch_optimizers(optimizer))
-    params = sorted((p for inner in inners for g in inner.param_groups for p in g["params"]), key=lambda p: -p.numel())
-    budget, taken = fraction * sum(p.numel() for p in params), 0
-    for p in params:
-        if taken >= budget:
-            break
-        p.data = p.data.to("cpu").pin_memory()
-        p._stays_on_cpu = True
-        taken += p.numel()
-
-    def grads_to_cpu(opt, _args, _kwargs):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if getattr(p, "_stays_on_cpu", False) and p.grad is not None and p.grad.is_cuda:
-                    p.grad = p.grad.to("cpu")
-    for inner in inners:
-        inner.register_step_pre_hook(grads_to_cpu)
+    Megatron's own HybridDeviceOptimizer, which runs Adam on the CPU instead, needs Transformer
+    Engine's precision-aware optimizer in megatron-core 0.16.1, which this project does without.
+    Here the inner torch AdamW steps one parameter at a time (its param_groups narrowed to that
+    parameter, its state shared), and the moments are swapped in and out around each call."""
+    for inner in _torch_optimizers(optimizer):
+        def streamed_step(closure=None, inner=inner, step=inner.step):
+            groups = inner.param_groups
+            try:
+                for group in groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        state = inner.state[p]
+                        for k in ("exp_avg", "exp_avg_sq"):
+                            if k in state:
+                                state[k] = state[k].to(p.device, non_blocking=True)
+                        inner.param_groups = [dict(group, params=[p])]
+                        step()
+                        for k in ("exp_avg", "exp_avg_sq"):
+                            host = getattr(p, "_host_" + k, None)
+                            if host is None:
+                                host = torch.empty(p.shape, dtype=state[k].dtype, pin_memory=True)
+                                setattr(p, "_host_" + k, host)
+                            host.copy_(state[k], non_blocking=True)
+                            state[k] = host
+            finally:
+                inner.param_groups = groups
+            torch.cuda.synchronize()             # the host copies are complete before anyone reads them
+        inner.step = streamed_step
 
 
 def apply_weight_decay_multipliers(optimizer, weight_decay):
@@ -668,8 +682,10 @@ def train_on_batch(model, optimizer, batch, args, rng):
     optimizer step per mini-batch (the GRPO paper's mu iterations; TRL's num_iterations, verl's
     ppo_epochs and ppo_mini_batch_size). Stats are summed over all steps; grad_norm is the mean."""
     total, norms, skipped = {}, [], 0.0
-    for _ in range(args.epochs):
-        for rows in mini_batch_rows(batch["tokens"].shape[0], args.mini_batches, rng):
+    for epoch in range(args.epochs):
+        for k, rows in enumerate(mini_batch_rows(batch["tokens"].shape[0], args.mini_batches, rng)):
+            if epoch or k:               # the state goes back to host memory while activations live
+                offload_optimizer(optimizer)
             s = update_step(model, optimizer, select_rows(batch, rows), args)
             norms.append(s.pop("grad_norm"))
             skipped += s.pop("update_skipped")
@@ -707,6 +723,14 @@ def offload_trainer(model, optimizer):
     moves), so the optimizer never notices."""
     optimizer.zero_grad()                        # the fp32 gradient copies of bf16 grad buffers
     model.offload_grad_buffers()                 # grads are recomputed: free, do not copy
+    offload_optimizer(optimizer)
+    torch.cuda.empty_cache()                     # hand the freed pages to vLLM's wake-up
+
+
+def offload_optimizer(optimizer):
+    """The optimizer state to its pinned host buffers (see offload_trainer)."""
+    if not torch.cuda.is_available():
+        return
     moved = []
     for t in _optimizer_tensors(optimizer):
         if t.is_cuda:
@@ -718,7 +742,6 @@ def offload_trainer(model, optimizer):
     torch.cuda.synchronize()                     # copies done before the GPU memory is reused
     for t in moved:
         t.data = t._pinned_cpu
-    torch.cuda.empty_cache()                     # hand the freed pages to vLLM's wake-up
 
 
 def restore_grads(model):
@@ -736,11 +759,9 @@ def park_reference(ref):
     every --kl-log-interval steps, or once per step with --kl-coef > 0, and would otherwise hold
     2 bytes per parameter of GPU memory through every rollout)."""
     for p in ref.parameters():
-        if p.is_cuda:
-            buf = getattr(p, "_pinned_cpu", None)
-            if buf is None:
-                buf = p._pinned_cpu = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
-            buf.copy_(p.data, non_blocking=True)
+        if p.is_cuda and getattr(p, "_pinned_cpu", None) is None:     # frozen: copied out once
+            p._pinned_cpu = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            p._pinned_cpu.copy_(p.data, non_blocking=True)
     torch.cuda.synchronize()
     for p in ref.parameters():
         p.data = p._pinned_cpu
@@ -966,11 +987,11 @@ def create_engine(args, cfg, gpu_memory_utilization):
 MEMORY_KNOBS = {
     "start vLLM": "lower --gpu-memory-utilization or --max-num-seqs, or use a larger --tp",
     "rollout": "lower --max-num-seqs or --max-len",
-    "wake vLLM": "lower --gpu-memory-utilization; add --optimizer-cpu-offload",
+    "wake vLLM": "lower --gpu-memory-utilization; add --adam-moments host",
     "reference log-probs": "lower --micro-batch-tokens or --logits-chunk-tokens",
     "old log-probs": "lower --micro-batch-tokens or --logits-chunk-tokens",
     "update": "lower --micro-batch-tokens or --logits-chunk-tokens, add --recompute full, "
-              "--grad-reduce-dtype bf16 or --optimizer-cpu-offload, or use a larger --tp / --pp",
+              "--grad-reduce-dtype bf16 or --adam-moments host, or use a larger --tp / --pp",
     "evaluation": "lower --eval-prompts or --max-num-seqs",
 }
 _PHASE = ["start"]
@@ -1097,6 +1118,9 @@ ACT_BYTES = {"hidden": 24, "hidden_split": 6, "ffn": 10, "kv": 8}
 OVERHEAD_GIB = 3.0
 # vLLM keeps this much free beside its share when we size it (see run(): free minus 4 GiB).
 VLLM_RESERVE_GIB = 4.0
+# The share of a GPU the update may fill by the plan: 10% stays free, and 5% more covers the
+# plan's own error (its predictions against measured peaks are in the README).
+PLAN_FILL = 0.85
 GIB = 2**30
 
 
@@ -1123,7 +1147,7 @@ def activation_bytes(cfg, tp):
 
 def memory_plan(cfg, tp, pp, dp, s):
     """Per-GPU bytes of each part, for the settings `s` (a namespace with micro_batch_tokens,
-    logits_chunk_tokens, recompute, grad_reduce_dtype, optimizer_cpu_offload, ref (bool: a
+    logits_chunk_tokens, recompute, grad_reduce_dtype, adam_moments, ref (bool: a
     reference model exists), ref_on_gpu, sleep_level, max_len, max_num_seqs, distributed_optimizer,
     gpus_per_node), and the peaks of the two phases that matter:
 
@@ -1151,13 +1175,15 @@ def memory_plan(cfg, tp, pp, dp, s):
     # bf16 logits, the cross entropy's fp32 copy, its fp32 gradient and the bf16 one: 12 bytes
     logits = 12 * chunk * cfg["vocab_size"] / tp
     shard = 1 / dp if s.distributed_optimizer else 1.0
-    offload = s.optimizer_cpu_offload or 0.0
+    largest = cfg["vocab_size"] * h / tp                       # the embedding: AdamW's biggest tensor
+    # The step's GPU state: fp32 master weights and both Adam moments (12 bytes per parameter; 4
+    # when the moments stay in host memory), AdamW's temporaries of one tensor at a time, and with
+    # bf16 grads megatron's fp32 copy of this rank's gradient shard.
+    step_state = (12 if s.adam_moments == "gpu" else 4) * P * shard + 3 * 4 * largest
     parts = {
         "params": 2 * P,
         "grads": (4 if s.grad_reduce_dtype == "fp32" else 2) * P,
-        # fp32 master weights + 2 Adam moments; with bf16 grads the step also makes an fp32 copy
-        # of this rank's gradient shard (megatron's DistributedOptimizer, before the CPU share leaves)
-        "optimizer": 12 * P * shard * (1 - offload) + (4 * P * shard if s.grad_reduce_dtype == "bf16" else 0),
+        "optimizer": step_state + (4 * P * shard if s.grad_reduce_dtype == "bf16" else 0),
         "reference": 2 * P if s.ref and s.ref_on_gpu else 0.0,
         "activations": activations,
         "logits": logits,
@@ -1183,10 +1209,11 @@ def memory_plan(cfg, tp, pp, dp, s):
 
 
 def plan_fits(plan, host_bytes, max_len):
-    """Why a plan does not fit (a short phrase), or None: the update must leave 10% of the GPU
-    free, the KV cache must hold one full-length sequence, the host its share of the state."""
-    if plan["train_peak"] > 0.9 * plan["gpu"]:
-        return f"the update needs {plan['train_peak'] / GIB:.1f} of {plan['gpu'] / GIB:.1f} GiB"
+    """Why a plan does not fit (a short phrase), or None: the update must stay within PLAN_FILL of
+    the GPU, the KV cache must hold one full-length sequence, the host its share of the state."""
+    if plan["train_peak"] > PLAN_FILL * plan["gpu"]:
+        return (f"the update would need {plan['train_peak'] / GIB:.1f} GiB, more than {PLAN_FILL:.0%} of "
+                f"{plan['gpu'] / GIB:.1f} GiB")
     if plan["kv_tokens"] < max_len:
         return f"vLLM's KV cache would hold {plan['kv_tokens']:.0f} tokens, less than one {max_len}-token sequence"
     if host_bytes and plan["host"] > 0.9 * host_bytes:
@@ -1197,8 +1224,8 @@ def plan_fits(plan, host_bytes, max_len):
 def plan_and_pick_defaults(args, cfg, dp, gpu_bytes, host_bytes=None, suggest=True):
     """Fill the memory flags the user left unset with the fastest settings that fit, by
     memory_plan; UserError naming a change that fits when none does. Preference, fastest first:
-    no recompute, fp32 gradients, no CPU optimizer, big micro batches; then each lever in turn
-    (bf16 gradients and recompute before the CPU optimizer, which costs most)."""
+    no recompute, fp32 gradients, Adam moments on the GPU, big micro batches; then each lever in
+    turn (bf16 gradients and recompute before moving the moments, which costs most)."""
     import itertools
     import types
     gpu_bytes = args.gpu_gib * GIB if args.gpu_gib else gpu_bytes
@@ -1208,27 +1235,29 @@ def plan_and_pick_defaults(args, cfg, dp, gpu_bytes, host_bytes=None, suggest=Tr
         host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     world = args.tp * args.pp * dp
     fixed = {"micro_batch_tokens": args.micro_batch_tokens, "recompute": args.recompute,
-             "grad_reduce_dtype": args.grad_reduce_dtype, "optimizer_cpu_offload": args.optimizer_cpu_offload}
+             "grad_reduce_dtype": args.grad_reduce_dtype, "adam_moments": args.adam_moments}
     mbts = [t for t in (16384, 8192, 4096) if t >= args.max_len] or [args.max_len]
-    choices = itertools.product([0.0, 0.25, 0.5, 0.75, 1.0], ["fp32", "bf16"], ["none", "full"], mbts)
+    choices = itertools.product(["gpu", "host"], ["fp32", "bf16"], ["none", "full"], mbts)
     base = dict(logits_chunk_tokens=args.logits_chunk_tokens, ref=args.kl_coef > 0 or args.kl_log_interval > 0,
                 ref_on_gpu=args.ref_on_gpu, sleep_level=args.sleep_level, max_len=args.max_len,
                 max_num_seqs=args.max_num_seqs, distributed_optimizer=args.distributed_optimizer,
                 gpus_per_node=min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), gpu_bytes=gpu_bytes)
-    why = None
-    for offload, grads, recompute, mbt in choices:
-        s = dict(micro_batch_tokens=mbt, recompute=recompute, grad_reduce_dtype=grads, optimizer_cpu_offload=offload)
+    closest = None
+    for moments, grads, recompute, mbt in choices:
+        s = dict(micro_batch_tokens=mbt, recompute=recompute, grad_reduce_dtype=grads, adam_moments=moments)
         s.update({k: v for k, v in fixed.items() if v is not None})
         plan = memory_plan(cfg, args.tp, args.pp, dp, types.SimpleNamespace(**base, **s))
         plan["settings"] = s
-        why = plan_fits(plan, host_bytes, args.max_len)
-        if why is None:
+        if plan_fits(plan, host_bytes, args.max_len) is None:
             for k, v in s.items():
                 setattr(args, k, v)
             return plan
+        if closest is None or plan["train_peak"] < closest["train_peak"]:
+            closest = plan
     fix = suggest_layout(args, cfg, gpu_bytes, host_bytes) if suggest else ""
-    raise UserError(f"TP {args.tp} x PP {args.pp} does not fit with any memory setting ({why}, with "
-                    f"{' '.join(f'{k}={v}' for k, v in plan['settings'].items())}){': ' + fix if fix else ''}")
+    why = plan_fits(closest, host_bytes, args.max_len)
+    raise UserError(f"TP {args.tp} x PP {args.pp} does not fit with any memory setting ({why} even with "
+                    f"{' '.join(f'{k}={v}' for k, v in closest['settings'].items())}){': ' + fix if fix else ''}")
 
 
 def suggest_layout(args, cfg, gpu_bytes, host_bytes):
@@ -1349,8 +1378,9 @@ def parse_args(argv):
     g.add_argument("--recompute", choices=("none", "full"), default=None,
                    help="activation recompute: full = keep only each layer's input, recompute in the backward")
     g.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default=None, help="gradient buffer dtype")
-    g.add_argument("--optimizer-cpu-offload", type=float, default=None,
-                   help="share (0-1) of the optimizer state kept and stepped on the CPU (see keep_optimizer_share_on_cpu)")
+    g.add_argument("--adam-moments", choices=("gpu", "host"), default=None,
+                   help="host: Adam's moments stay in host memory and visit the GPU one tensor at a time in the step "
+                        "(see stream_adam_moments)")
     g.add_argument("--ref-on-gpu", action="store_true",
                    help="keep the reference model on the GPU (default: in host memory between its forwards)")
     g.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: the GPU's)")
@@ -1396,6 +1426,8 @@ def parse_args(argv):
     g.add_argument("--world-size", type=int, default=None, help="GPUs in the job, for --memory-plan")
     a = p.parse_args(argv)
     check_values(a)
+    if a.benchmark and a.filter_groups:
+        raise UserError("--filter-groups changes the benchmark's workload; time it on a training run")
     if a.benchmark:
         # the workload is fixed so that numbers from different runs and machines compare
         a.toy_token, a.toy_prompt_len, a.prompts_per_step, a.n_samples_per_prompt = 7, 256, a.benchmark_prompts, 8
@@ -1447,8 +1479,6 @@ def check_values(a):
     if a.micro_batch_tokens is not None and a.micro_batch_tokens < a.max_len:
         raise UserError(f"--micro-batch-tokens {a.micro_batch_tokens} is less than --max-len {a.max_len}: "
                         "a full-length row must fit one micro batch")
-    if a.optimizer_cpu_offload is not None and not 0 <= a.optimizer_cpu_offload <= 1:
-        raise UserError("--optimizer-cpu-offload is a share between 0 and 1")
     if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization < 1:
         raise UserError("--gpu-memory-utilization is a share between 0 and 1")
     if not 0 < a.eval_top_p <= 1:
@@ -1559,8 +1589,8 @@ def rollout_round(ctx, prompts, step, rnd, times):
     and PP stages rolled out different prompts). Samples of one prompt stay contiguous."""
     args, engine, engines = ctx["args"], ctx["engine"], ctx["engines"]
     mine = prompts[engine::engines]
-    params = [ctx["sampling"](*request) for request in rollout_requests([p for p, _ in mine], args, rnd)]
-    torch.manual_seed(rollout_seed(args.seed, step, engine, stream=1 + rnd))
+    params = [ctx["sampling"](*request, seed=rollout_seed(args.seed, step, engine, 1 + rnd, i))
+              for i, request in enumerate(rollout_requests([p for p, _ in mine], args, rnd))]
     with timed(times, "rollout"):
         outs = generate(ctx["llm"], [p for p, _ in mine], params)
     samples = []
@@ -1682,16 +1712,18 @@ def evaluate(ctx, step, m):
     greedy = args.eval_temperature == 0
     params = [SamplingParams(n=1, temperature=args.eval_temperature, top_p=1.0 if greedy else args.eval_top_p,
                              top_k=-1 if greedy else args.eval_top_k, max_tokens=args.max_len - len(p),
-                             stop_token_ids=ctx["stop_ids"] or None) for p, _ in rows]
-    torch.manual_seed(rollout_seed(args.seed, step, ctx["engine"], stream=0))
+                             stop_token_ids=ctx["stop_ids"] or None, seed=rollout_seed(args.seed, step, ctx["engine"], 0, i))
+              for i, (p, _) in enumerate(rows)]
     t = time.time()
     outs = generate(ctx["llm"], [p for p, _ in rows], params)
     m["time_eval_generate"] = time.time() - t
     t = time.time()
-    texts = ctx["tokenizer"].batch_decode([o[0][0] for o in outs], skip_special_tokens=True) if outs else []
-    acc, _ = prepare.score_responses(texts, [g for _, g in rows], num_workers=args.reward_workers)
-    totals = torch.tensor([sum(acc), len(acc), sum(len(o[0][0]) for o in outs)], dtype=torch.float64,
-                          device="cuda") * (ctx["tp_rank"] == 0)
+    texts, acc = [], []
+    if outs and ctx["tp_rank"] == 0:            # TP peers hold the same answers: score once
+        texts = ctx["tokenizer"].batch_decode([o[0][0] for o in outs], skip_special_tokens=True)
+        acc, _ = prepare.score_responses(texts, [g for _, g in rows], num_workers=args.reward_workers)
+    totals = torch.tensor([sum(acc), len(acc), sum(len(o[0][0]) for o in outs) * (ctx["tp_rank"] == 0)],
+                          dtype=torch.float64, device="cuda")
     dist.all_reduce(totals)
     m["eval_accuracy"] = (totals[0] / totals[1].clamp(min=1)).item()
     m["eval_generated_tokens"] = totals[2].item()
@@ -1791,12 +1823,12 @@ def run(args):
     sync_weights(model, llm, cfg)
     from vllm import SamplingParams
 
-    def sampling(max_tokens, logprobs):
+    def sampling(max_tokens, logprobs, seed=None):
         # top_p 1 / top_k -1: truncation would renormalise vLLM's log-probs, and the samples would
         # no longer come from the policy that the loss assumes.
         return SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
                               max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids or None,
-                              ignore_eos=args.benchmark is not None)
+                              ignore_eos=args.benchmark is not None, seed=seed)
 
     os.makedirs(args.out, exist_ok=True)
     order = list(range(len(train)))
@@ -2027,7 +2059,7 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
               "gpu_used_rollout_gib": max(m["gpu_used_rollout_gib"] for m in history),
               "plan_train_gib": plan["train_peak"] / 2**30, "plan_rollout_gib": plan["rollout_peak"] / 2**30,
               "settings": {k: getattr(args, k) for k in ("micro_batch_tokens", "logits_chunk_tokens", "recompute",
-                                                          "grad_reduce_dtype", "optimizer_cpu_offload", "sleep_level",
+                                                          "grad_reduce_dtype", "adam_moments", "sleep_level",
                                                           "kl_coef", "kl_log_interval", "ref_on_gpu", "max_num_seqs")},
               "reference_forward_s": ref_s, "kv_cache_tokens": getattr(cache, "kv_cache_size_tokens", None),
               "vllm_preemptions_per_step": sum(m.get("vllm_preemptions", 0) for m in timed) / len(timed),
