@@ -1851,6 +1851,46 @@ def test_gpu_toy_task_learns_with_each_grpo_switch(toy_model, tmp_path, switches
 
 
 @gpu
+def test_gpu_adam_moments_in_host_memory_update_as_on_the_gpu(toy_model, tmp_path):
+    """--adam-moments host streams each tensor's moments through the GPU in optimizer.step(): two
+    updates land on the same weights as with the moments on the GPU, and between steps the
+    moments are host tensors."""
+    out = tmp_path / "adam.json"
+    p = torchrun("test_grpo.py", "adam", str(toy_model / "mc"), str(toy_model / "hf"), str(out), nproc=1, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    print(r)
+    assert r["moments_on_host"] and r["max_param_diff"] < 1e-6 and r["grad_norms_gpu"] == pytest.approx(r["grad_norms_host"])
+
+
+def adam_main(argv):
+    """`test_grpo.py adam CKPT HF_DIR OUT_JSON` (GPU): two updates with the Adam moments on the GPU
+    and with them streamed from host memory, from the same checkpoint."""
+    import convert
+    import grpo
+    ckpt, hf_dir, out = argv[:3]
+    cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
+    convert.init_distributed(1, 1, use_cuda=True)
+    batch = grpo.make_batch([{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
+                             {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}])
+    res = {}
+    for where in ("gpu", "host"):
+        args = cpu_trainer_args(ckpt, hf_dir, "--adam-moments", where, "--lr", "1e-3")
+        model, optimizer = grpo.build_trainer(cfg, args)
+        norms = [grpo.train_on_batch(model, optimizer, batch, args, random.Random(k))["grad_norm"] for k in range(2)]
+        res[where] = [p.detach().float().clone() for p in model.parameters()]
+        res["grad_norms_" + where] = norms
+        states = [st for inner in grpo._torch_optimizers(optimizer) for st in inner.state.values()]
+        if where == "host":
+            res["moments_on_host"] = bool(states) and all(not st["exp_avg"].is_cuda and not st["exp_avg_sq"].is_cuda
+                                                          for st in states)
+    res["max_param_diff"] = max(float((a - b).abs().max()) for a, b in zip(res.pop("gpu"), res.pop("host")))
+    with open(out, "w") as f:
+        json.dump(res, f)
+    convert.shutdown_distributed()
+
+
+@gpu
 def test_gpu_qwen25_05b_shape_converts_and_runs_three_steps(tmp_path):
     """The real Qwen2.5-0.5B config, random weights: convert on the GPU (logits checked), then
     three GRPO steps through vLLM and Megatron (toy reward: no tokenizer offline)."""
@@ -2062,6 +2102,8 @@ def shim_main(argv):
         return ckpt_main(argv[1:])
     if argv[0] == "variants":
         return variants_main(argv[1:])
+    if argv[0] == "adam":
+        return adam_main(argv[1:])
     importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
 
 
