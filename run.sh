@@ -28,7 +28,7 @@ Environment variables (default in brackets):
   CKPT_DIR        where mcore/ (converted), grpo/ (run) and hf/ (export) go  [ckpts/Qwen2.5-$MODEL_SIZE]
   GPUS_PER_NODE   processes (GPUs) per node                                  [8]
   TP              tensor parallel size       [1 for <=3B, 2 for 7B, 4 for 14B, 8 for 32B/72B]
-  PP              pipeline parallel size                                     [1]
+  PP              pipeline parallel size                  [1; 2 for 72B, with NNODES=2]
   NNODES          nodes                                                      [1]
   NODE_RANK       this node's rank (prepare/convert/export run on node 0)    [0]
   MASTER_ADDR     rendezvous host for torchrun                               [127.0.0.1]
@@ -66,12 +66,16 @@ on() {
   esac
 }
 
+# Layouts that fit 80 GB GPUs by grpo.py's memory plan (python grpo.py --memory-plan SIZE ...; the
+# README's table): 72B needs two pipeline stages, so two nodes of 8 (NNODES=2).
 MODEL_SIZE=${MODEL_SIZE:-7B}
+pp_default=1
 case "$MODEL_SIZE" in
   0.5B|1.5B|3B|custom) tp_default=1 ;;
   7B) tp_default=2 ;;
   14B) tp_default=4 ;;
-  32B|72B) tp_default=8 ;;
+  32B) tp_default=8 ;;
+  72B) tp_default=8; pp_default=2 ;;
   *) die "MODEL_SIZE=$MODEL_SIZE is not one of 0.5B 1.5B 3B 7B 14B 32B 72B custom" ;;
 esac
 MODEL_DIR=${MODEL_DIR:-Qwen2.5-$MODEL_SIZE-Instruct}
@@ -80,7 +84,7 @@ DATA_DIR=${DATA_DIR:-dataset/MATH-lighteval}
 CKPT_DIR=${CKPT_DIR:-ckpts/Qwen2.5-$MODEL_SIZE}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TP=${TP:-$tp_default}
-PP=${PP:-1}
+PP=${PP:-$pp_default}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -96,7 +100,11 @@ done
 (( TP >= 1 && PP >= 1 && GPUS_PER_NODE >= 1 && NNODES >= 1 )) || die "TP, PP, GPUS_PER_NODE and NNODES must be >= 1"
 world=$(( GPUS_PER_NODE * NNODES ))
 (( world % (TP * PP) == 0 )) || die "$world GPUs cannot be split into TP=$TP x PP=$PP groups; use GPUS_PER_NODE x NNODES divisible by $(( TP * PP ))"
-(( TP * PP <= GPUS_PER_NODE )) || die "conversion runs TP x PP = $(( TP * PP )) processes on one node, more than GPUS_PER_NODE=$GPUS_PER_NODE"
+(( TP <= GPUS_PER_NODE )) || die "TP=$TP is more than GPUS_PER_NODE=$GPUS_PER_NODE: a tensor-parallel group must sit in one node"
+# Conversion runs on node 0 alone: with TP x PP, or with TP only when the pipeline spans nodes (a
+# dist checkpoint written at one TP/PP loads at any other).
+conv_pp=$PP
+(( TP * PP <= GPUS_PER_NODE )) || conv_pp=1
 dry_run=0; on DRY_RUN && dry_run=1
 wandb_on=0; on enable_wandb && wandb_on=1
 
@@ -125,7 +133,7 @@ MCORE=$CKPT_DIR/mcore
 OUT=$CKPT_DIR/grpo
 HF_OUT=$CKPT_DIR/hf
 convert_cmd=(python convert.py)
-(( TP * PP > 1 )) && convert_cmd=(torchrun --nproc_per_node $(( TP * PP )) --master_port "$MASTER_PORT" convert.py)
+(( TP * conv_pp > 1 )) && convert_cmd=(torchrun --nproc_per_node $(( TP * conv_pp )) --master_port "$MASTER_PORT" convert.py)
 
 wandb_args=()
 (( wandb_on )) && wandb_args=(--wandb-project "$wandb_project")
@@ -161,7 +169,7 @@ if (( NODE_RANK == 0 )); then
   if [[ -f $MCORE/metadata.json ]]; then
     skip "Megatron checkpoint $MCORE exists"
   else
-    run "${convert_cmd[@]}" "$MODEL_SIZE" "$MODEL_DIR" "$MCORE" false true bf16 --tp "$TP" --pp "$PP"
+    run "${convert_cmd[@]}" "$MODEL_SIZE" "$MODEL_DIR" "$MCORE" false true bf16 --tp "$TP" --pp "$conv_pp"
   fi
 fi
 
@@ -174,7 +182,7 @@ if (( NODE_RANK == 0 )); then
   if [[ -f $HF_OUT/config.json && $HF_OUT/config.json -nt $OUT/final/metadata.json ]]; then
     skip "export $HF_OUT is newer than $OUT/final"
   else
-    run "${convert_cmd[@]}" "$MODEL_SIZE" "$OUT/final" "$HF_OUT" true true bf16 "$MODEL_DIR" --tp "$TP" --pp "$PP" --force
+    run "${convert_cmd[@]}" "$MODEL_SIZE" "$OUT/final" "$HF_OUT" true true bf16 "$MODEL_DIR" --tp "$TP" --pp "$conv_pp" --force
   fi
   echo "done: trained policy in $HF_OUT"
 fi

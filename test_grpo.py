@@ -1652,6 +1652,21 @@ def test_run_sh_dry_run_prints_the_pipeline_and_never_the_key(tmp_path):
     assert not os.path.exists(tmp_path / "ck")                                                    # ran nothing
 
 
+def test_run_sh_runs_72b_over_two_nodes_and_converts_on_one(tmp_path):
+    """72B fits 80 GB GPUs only with two pipeline stages (the memory plan): 16 GPUs; the conversion
+    runs on node 0 alone with TP only, and training loads it at TP x PP."""
+    env = {"MODEL_SIZE": "72B", "NNODES": "2", "CKPT_DIR": str(tmp_path / "ck"), "DATA_DIR": str(tmp_path / "d"),
+           "MODEL_DIR": str(tmp_path / "m")}
+    p = run_sh("--dry-run", env=env)
+    assert p.returncode == 0, p.stderr
+    cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("+ ")]
+    convert = [c for c in cmds if "convert.py" in c]
+    train = [c for c in cmds if "grpo.py" in c and "--check-flags" not in c]
+    assert all("--nproc_per_node 8 " in c and "--tp 8 --pp 1" in c for c in convert) and len(convert) == 2
+    assert "--nnodes 2" in train[0] and "--tp 8 --pp 2" in train[0]
+    assert_one_line_error(run_sh("--dry-run", env=dict(env, NNODES="1")), "8 GPUs cannot be split", "TP=8 x PP=2")
+
+
 def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     data = tmp_path / "data"
     assert run_script("prepare.py", "--input_dir", math_dir, "--local_dir", str(data)).returncode == 0
@@ -1672,7 +1687,7 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     ({"TP": "3"}, ["TP=3", "divisible by 3"]),
     ({"GPUS_PER_NODE": "x"}, ["GPUS_PER_NODE=x is not a number"]),
     ({"enable_wandb": "yes"}, ["enable_wandb=yes"]),
-    ({"GPUS_PER_NODE": "2", "TP": "4", "NNODES": "2"}, ["more than GPUS_PER_NODE=2"]),
+    ({"GPUS_PER_NODE": "2", "TP": "4", "NNODES": "2"}, ["TP=4 is more than GPUS_PER_NODE=2"]),
     ({"MODEL_SIZE": "custom", "MODEL_DIR": "/nonexistent"}, ["MODEL_SIZE=custom needs MODEL_DIR"]),
 ])
 def test_run_sh_bad_settings_fail_with_one_line(env, words):
