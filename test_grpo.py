@@ -1298,17 +1298,20 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_tiny_tokenizer(path, texts):
+def make_tiny_tokenizer(path, texts, vocab_size=400, split_digits=False):
     """A small BPE tokenizer with Qwen's chat markers and a ChatML template, trained offline on
-    `texts` (no hub): stands in for Qwen2.5's tokenizer in tests."""
+    `texts` (no hub): stands in for Qwen2.5's tokenizer in tests. split_digits: every digit its
+    own token, as in Qwen2.5's tokenizer (arithmetic is learnable digit by digit)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
@@ -1824,6 +1827,165 @@ def test_gpu_toy_task_learns_and_vllm_logprobs_match_megatron(tmp_path):
     assert max(x["logp_diff_vllm_megatron"] for x in m) < 0.02
 
 
+# ----------------------------------------------------------------------------------------------
+# A model that can be taught: arithmetic in MATH-lighteval's layout, a small Qwen2 given partial
+# skill by a short supervised warm-up, then GRPO through run.sh (prepare, convert, train)
+# ----------------------------------------------------------------------------------------------
+ARITH_OPS = {"Addition": ("+", (0, 99), (0, 99)), "Subtraction": ("-", (0, 99), (0, 99)),
+             "Multiplication": ("\\times", (0, 99), (0, 9))}
+
+
+def arith_row(op, a, b, boxed=None):
+    """One MATH-lighteval row: "What is $a - b$?", solved in one line that ends in \\boxed{}."""
+    sym = ARITH_OPS[op][0]
+    value = a + b if op == "Addition" else a - b if op == "Subtraction" else a * b
+    return {"problem": f"What is ${a} {sym} {b}$?", "level": f"Level {len(str(max(a, b)))}", "type": op,
+            "solution": f"${a} {sym} {b} = {value}$. The answer is $\\boxed{{{value if boxed is None else boxed}}}$."}
+
+
+def arith_rows(n_train, n_test, seed=0):
+    """Distinct problems, half of them subtractions (b <= a), a quarter each sums and products;
+    no test problem is in train."""
+    rng, seen, rows = random.Random(seed), set(), []
+    kinds = ["Subtraction", "Subtraction", "Addition", "Multiplication"]
+    while len(rows) < n_train + n_test:
+        op = kinds[len(rows) % 4]
+        (_, (a0, a1), (b0, b1)) = ARITH_OPS[op]
+        a, b = rng.randint(a0, a1), rng.randint(b0, b1)
+        a, b = (max(a, b), min(a, b)) if op == "Subtraction" else (a, b)
+        if (op, a, b) not in seen:
+            seen.add((op, a, b))
+            rows.append(arith_row(op, a, b))
+    rng.shuffle(rows)
+    return rows[:n_train], rows[n_train:]
+
+
+def arith_warmup(train_rows, wrong_share=0.8, seed=0):
+    """The supervised warm-up's answers: the train problems' solutions, except that `wrong_share`
+    of the subtractions box the sum while their worked equation shows the difference. The model
+    learns to compute and to box, and for subtraction mostly to box the wrong number: a skill it
+    has but does not use, which GRPO, rewarded on the box alone, can bring out."""
+    rng = random.Random(seed + 1)
+    out = []
+    for r in train_rows:
+        if r["type"] == "Subtraction" and rng.random() < wrong_share:
+            a, b = (int(x) for x in r["problem"][9:-2].split(" - "))
+            r = arith_row("Subtraction", a, b, boxed=a + b)
+        out.append(r)
+    return out
+
+
+def build_arithmetic(root, n_train=3000, n_test=512, sft_steps=1000, seed=0):
+    """root/data: MATH-lighteval-shaped parquet files; root/model: a 2-layer Qwen2 (hidden 256) with
+    a digit-splitting tokenizer and a ChatML template, after a supervised warm-up on
+    arith_warmup's answers (AdamW, lr 1e-3, 64 answers per step; seconds on a GPU). The prompts
+    are prepare.py's, the instruction included."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train, test = arith_rows(n_train, n_test, seed)
+    write_math_parquet(os.path.join(root, "data"), "train", train)
+    write_math_parquet(os.path.join(root, "data"), "test", test)
+    warm = arith_warmup(train, seed=seed)
+    prompts = [prepare.make_row(r["problem"], r["solution"], r["level"], r["type"], "train", i)["prompt"]
+               for i, r in enumerate(warm)]
+    texts = [m[0]["content"] + " " + r["solution"] for m, r in zip(prompts, warm)]
+    model_dir = os.path.join(root, "model")
+    tok = make_tiny_tokenizer(model_dir, texts * 2, vocab_size=320, split_digits=True)
+    torch.manual_seed(seed)
+    cfg = dict(tiny_qwen_config(True), vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=256,
+               intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=512)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(device)
+    pairs = []
+    for messages, r in zip(prompts, warm):
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        pairs.append((prompt, tok(r["solution"] + "<|im_end|>", add_special_tokens=False)["input_ids"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = random.Random(seed)
+    for step in range(1, sft_steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, step / 20)
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(64)]
+        L = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((64, L), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((64, L), -100, dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)   # the loss on the answer only
+        logits = model(input_ids=ids.to(device)).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.save_pretrained(model_dir)
+    return os.path.join(root, "data"), model_dir
+
+
+def arithmetic_main(argv):
+    """`python test_grpo.py arithmetic DIR [SFT_STEPS]`: DIR/data and DIR/model for run.sh (README)."""
+    data, model = build_arithmetic(argv[0], sft_steps=int(argv[1]) if len(argv) > 1 else 1000)
+    print(f"wrote {data} and {model}")
+
+
+# run.sh's flags for it: size and schedule only (the learning rate is the test's or the control's)
+GRPO_TEACHES = ["--steps", "30", "--prompts-per-step", "64", "--n-samples-per-prompt", "8", "--max-len", "128",
+                "--max-prompt-len", "96", "--eval-interval", "10", "--eval-prompts", "512", "--eval-temperature", "0",
+                "--save-interval", "0"]
+
+
+@gpu
+def test_gpu_grpo_teaches_arithmetic_through_the_math_path(tmp_path):
+    """The proof that the pipeline teaches: a small model with partial arithmetic skill (see
+    arith_warmup), trained by `bash run.sh` exactly as a user runs it (prepare.py's prompts and
+    instruction, convert.py, torchrun grpo.py, math-verify's reward on the last box, greedy
+    evaluation on 512 held-out problems). Test accuracy must rise by 25 points, the reward must
+    rise, vLLM and Megatron must agree on every step, and a control with --lr 0 must stay flat."""
+    import shutil
+    import convert
+    t0 = time.time()
+    data, model = build_arithmetic(str(tmp_path))
+    print(f"data and warm-up: {time.time() - t0:.0f}s")
+    runs = {}
+    for name, lr in (("grpo", "3e-4"), ("control", "0")):
+        t = time.time()
+        env = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model, DATA_DIR=data,
+                   CKPT_DIR=str(tmp_path / name), MASTER_PORT=str(convert.free_port()), PYTHONUNBUFFERED="1")
+        p = run_sh(*GRPO_TEACHES, "--lr", lr, env=env, timeout=600)
+        print(p.stdout[-2500:])
+        assert p.returncode == 0, p.stderr[-5000:]
+        runs[name] = read_metrics(tmp_path / name / "grpo" / "metrics.jsonl")
+        print(f"{name}: {time.time() - t:.0f}s")
+        if os.environ.get("GRPO_TEST_OUT"):                     # for the README's curve
+            shutil.copy(tmp_path / name / "grpo" / "metrics.jsonl", os.path.join(os.environ["GRPO_TEST_OUT"],
+                                                                                   f"{name}.jsonl"))
+    curves = {}
+    for name, m in runs.items():
+        curves[name] = [(x["step"], x["eval_accuracy"]) for x in m if "eval_accuracy" in x]
+        print(f"{name} greedy test accuracy by step:", " ".join(f"{s}:{a:.3f}" for s, a in curves[name]))
+        print(f"{name} reward by step:", " ".join(f"{x['reward']:.2f}" for x in m if x["step"] > 0))
+    grpo = runs["grpo"]
+    steps = [x for x in grpo if x["step"] > 0]
+    ev = [x for x in grpo if "eval_accuracy" in x]
+    first_rollout = steps[0]
+    print(f"evaluation at step 0: {ev[0]['time_eval_generate']:.2f}s for {ev[0]['eval_generated_tokens']:.0f} "
+          f"tokens; rollout of step 1: {first_rollout['time_rollout']:.2f}s for {first_rollout['generated_tokens']} tokens")
+    print("logp diff:", " ".join(f"{x['logp_diff_vllm_megatron']:.4f}" for x in steps))
+    assert len(curves["grpo"]) == 4 and curves["grpo"][0][0] == 0
+    assert curves["grpo"][-1][1] - curves["grpo"][0][1] >= 0.25                       # it learns
+    assert abs(curves["control"][-1][1] - curves["control"][0][1]) <= 0.02             # lr 0 does not
+    assert sum(x["reward"] for x in steps[-5:]) / 5 > sum(x["reward"] for x in steps[:5]) / 5 + 0.1
+    assert max(x["logp_diff_vllm_megatron"] for x in steps) < 0.02
+    # the evaluation generates about as many tokens as a rollout (512 answers each): at most 1.5x its time
+    for e in ev:
+        per_token = e["time_eval_generate"] / e["eval_generated_tokens"]
+        rollout_per_token = sum(x["time_rollout"] for x in steps) / sum(x["generated_tokens"] for x in steps)
+        assert per_token <= 1.5 * rollout_per_token, (e["step"], per_token, rollout_per_token)
+
+
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
     """The toy task's random 2-layer Qwen2 (vocab 64), converted once for the runs that share it."""
@@ -2119,6 +2281,8 @@ def shim_main(argv):
         return variants_main(argv[1:])
     if argv[0] == "adam":
         return adam_main(argv[1:])
+    if argv[0] == "arithmetic":
+        return arithmetic_main(argv[1:])
     importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
 
 
