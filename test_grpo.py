@@ -2046,8 +2046,10 @@ def adam_main(argv):
     import convert
     import grpo
     ckpt, hf_dir, out = argv[:3]
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     cfg = convert.resolve_config("custom", os.path.join(hf_dir, "config.json"))
     convert.init_distributed(1, 1, use_cuda=True)
+    model_parallel_cuda_manual_seed(0)                  # Megatron's TP RNG, as grpo.run() sets it
     batch = grpo.make_batch([{"prompt_ids": [5, 9, 3], "response_ids": [11, 12, 13, 14], "advantage": 1.0},
                              {"prompt_ids": [5, 9, 3], "response_ids": [21, 22], "advantage": -1.0}])
     res = {}
