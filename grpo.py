@@ -1116,8 +1116,10 @@ ACT_BYTES = {"hidden": 24, "hidden_split": 6, "ffn": 10, "kv": 8}
 # vLLM's CUDA graphs (they stay while the engine sleeps) and the allocator's slack. Calibrated on
 # the measured peaks in the README's memory table.
 OVERHEAD_GIB = 3.0
-# vLLM keeps this much free beside its share when we size it (see run(): free minus 4 GiB).
-VLLM_RESERVE_GIB = 4.0
+# What vLLM's share leaves free on the GPU during the rollout (see vllm_reserve): 10% of it, at
+# least 4 GiB, for what the trainer and NCCL allocate beside vLLM's pool.
+def vllm_reserve(gpu_bytes):
+    return max(4 * GIB, 0.1 * gpu_bytes)
 # The share of a GPU the update may fill by the plan: 10% stays free, and 5% more covers the
 # plan's own error (its predictions against measured peaks are in the README).
 PLAN_FILL = 0.85
@@ -1194,7 +1196,7 @@ def memory_plan(cfg, tp, pp, dp, s):
     if s.ref and not s.ref_on_gpu:      # the reference visits for its forward (optimizer state away)
         train_peak = max(train_peak, base + 2 * P + activations / layers + logits)
     gpu = s.gpu_bytes
-    vllm_share = gpu - VLLM_RESERVE_GIB * GIB - parts["params"] - parts["reference"] - parts["overhead"]
+    vllm_share = gpu - vllm_reserve(gpu) - parts["params"] - parts["reference"] - parts["overhead"]
     vllm_weights = 2 * params_per_rank(cfg, tp, 1)             # vLLM holds the whole model per TP group
     sampler = s.max_num_seqs * cfg["vocab_size"] * 4          # vLLM's per-sequence token counts
     kv_cache = vllm_share - vllm_weights - sampler - 1.0 * GIB   # ~1 GiB of vLLM's own activations
@@ -1203,7 +1205,7 @@ def memory_plan(cfg, tp, pp, dp, s):
     # weights when sleep level 1 copies them out
     host = s.gpus_per_node * (12 * P * shard + (2 * P if s.ref and not s.ref_on_gpu else 0)
                               + (vllm_weights if s.sleep_level == 1 else 0))
-    return {"parts": parts, "train_peak": train_peak, "rollout_peak": gpu - VLLM_RESERVE_GIB * GIB,
+    return {"parts": parts, "train_peak": train_peak, "rollout_peak": gpu - vllm_reserve(gpu),
             "kv_cache": kv_cache, "kv_tokens": max(0.0, kv_cache / kv_per_token),
             "concurrent_seqs": max(0.0, kv_cache / kv_per_token / s.max_len), "host": host, "gpu": gpu}
 
@@ -1390,7 +1392,7 @@ def parse_args(argv):
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 4 GiB)")
+                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 10%%)")
     g.add_argument("--sleep-level", type=int, default=2, choices=(1, 2),
                    help="vLLM sleep between rollouts: 2 drops its weights (the sync rewrites them anyway), "
                         "1 keeps a copy in host memory")
@@ -1815,7 +1817,7 @@ def run(args):
     enter_phase(args, 0, "start vLLM")
     offload_trainer(model, optimizer)
     free, total = torch.cuda.mem_get_info()
-    util = args.gpu_memory_utilization or max(0.05, (free - 4 * 2**30) / total)
+    util = args.gpu_memory_utilization or max(0.05, (free - vllm_reserve(total)) / total)
     log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
     t0 = time.time()
     llm = create_engine(args, cfg, util)
