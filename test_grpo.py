@@ -1864,7 +1864,8 @@ def arith_warmup(train_rows, wrong_share=0.8, seed=0):
     """The supervised warm-up's answers: the train problems' solutions, except that `wrong_share`
     of the subtractions box the sum while their worked equation shows the difference. The model
     learns to compute and to box, and for subtraction mostly to box the wrong number: a skill it
-    has but does not use, which GRPO, rewarded on the box alone, can bring out."""
+    has but does not use, which GRPO, rewarded on the box alone, can bring out (most of the gain
+    is subtraction; a warm-up on right answers only left GRPO too little room, on CPU)."""
     rng = random.Random(seed + 1)
     out = []
     for r in train_rows:
