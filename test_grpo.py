@@ -2274,18 +2274,10 @@ def shim_main(argv):
     import torch
     if not torch.cuda.is_available():
         cpu_shims()
-    if argv[0] == "logits":
-        return logits_main(argv[1:])
-    if argv[0] == "trainstep":
-        return trainstep_main(argv[1:])
-    if argv[0] == "ckpt":
-        return ckpt_main(argv[1:])
-    if argv[0] == "variants":
-        return variants_main(argv[1:])
-    if argv[0] == "adam":
-        return adam_main(argv[1:])
-    if argv[0] == "arithmetic":
-        return arithmetic_main(argv[1:])
+    helpers = {"logits": logits_main, "trainstep": trainstep_main, "ckpt": ckpt_main, "variants": variants_main,
+               "adam": adam_main, "arithmetic": arithmetic_main}
+    if argv[0] in helpers:
+        return helpers[argv[0]](argv[1:])
     importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
 
 
