@@ -17,7 +17,7 @@ One step, and what sits in GPU memory during each phase:
 
     phase                          GPU memory holds
     1 rollout (vLLM generate)      Megatron bf16 params | vLLM weights + KV cache
-    2 sleep vLLM, score rewards    Megatron bf16 params | (vLLM's weights and KV cache freed)
+    2 score rewards, vLLM sleeps   Megatron bf16 params | (vLLM's weights and KV cache freed)
     3 group advantages             (CPU)
     4 ref / old log-probs          + grads; the reference model visits the GPU for its forward
     5 policy update                + activations of one micro batch, then the optimizer state
@@ -1909,7 +1909,7 @@ def run(args):
             stats, times["update"] = cuda_seconds(
                 lambda: train_on_batch(model, optimizer, batch, args, random.Random(rollout_seed(args.seed, step, 0, 99))))
             m["gpu_peak_train_gib"] = (used0 + torch.cuda.max_memory_reserved() - reserved0) / 2**30
-            m.update(step_metrics(reduce_stats(stats, ctx), stats, batch, measure_kl))
+            m.update(step_metrics(reduce_stats(stats, ctx), stats, measure_kl))
             if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
                 # Saved right after the update, while the optimizer state is on the GPU. A run killed
                 # after this point resumes at step + 1; killed before it, it redoes this step (from
@@ -1978,7 +1978,7 @@ def time_metrics(times):
     return {f"time_{k}": v for k, v in times.items()}
 
 
-def step_metrics(red, stats, batch, measure_kl):
+def step_metrics(red, stats, measure_kl):
     """The update's metrics from the job-wide sums (see reduce_stats)."""
     tok = max(red["loss_tokens"], 1.0)
     m = {"loss": red["loss"] / max(red["normaliser"], 1.0), "pg_loss": red["pg_loss"] / tok,
