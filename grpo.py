@@ -1120,12 +1120,16 @@ def rollout_layout(prompts_per_step, world, tp, pp):
 # The memory plan: what each phase holds on a GPU, added up before anything is allocated
 # ==============================================================================================
 # Bytes per token and layer that the local spec's layer keeps for its backward (bf16): counted
-# with torch.autograd.graph.saved_tensors_hooks on megatron-core 0.16.1's layer for all seven
-# Qwen2.5 shapes, and fitted by  30 h + 10 ffn + 8 kv  within 0.5% (h: hidden, kv: key/value
-# width = kv heads x head dim). The MLP dominates: the SwiGLU keeps its [2 ffn] input, its
-# halves and their product. Under TP the MLP and attention heads are split over the ranks, but
-# what the norms and the residual stream keep (24 h of the 30 h) is whole on every rank.
-ACT_BYTES = {"hidden": 24, "hidden_split": 6, "ffn": 10, "kv": 8}
+# with torch.autograd.graph.saved_tensors_hooks on megatron-core 0.16.1's layer on an H100 for
+# all seven Qwen2.5 shapes (test_gpu_memory_plan_activations_match_what_the_gpu_keeps), and
+# matched by  14 h + 10 ffn + 6 kv + 8 head_dim  within 0.1% (h: hidden, kv: key/value width =
+# kv heads x head dim). The MLP dominates: the SwiGLU keeps its [2 ffn] input, its halves and
+# their product. The rest: four [h] tensors around the two norms (their inputs and outputs; the
+# fused CUDA RMSNorm keeps only its bf16 input and one fp32 number per token - the CPU's keeps
+# two fp32 copies, 16 h more), the fused qkv output, attention's output twice (the kernel's and
+# the projection's input) and the RoPE tables. Under TP the heads and the MLP are split over the
+# ranks, but the norms' tensors (8 h) are whole on every rank.
+ACT_BYTES = {"hidden": 8, "hidden_split": 6, "ffn": 10, "kv": 6, "head_dim": 8}
 # What the trainer's side holds besides tensors we count: the CUDA context, NCCL's buffers,
 # vLLM's CUDA graphs (they stay while the engine sleeps) and the allocator's slack. Calibrated on
 # the measured peaks in the README's memory table.
@@ -1158,7 +1162,7 @@ def activation_bytes(cfg, tp):
     """Bytes one layer keeps per token for its backward, without recompute (see ACT_BYTES)."""
     h, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * convert.head_dim(cfg)
     split = ACT_BYTES["hidden_split"] * h + ACT_BYTES["ffn"] * cfg["intermediate_size"] + ACT_BYTES["kv"] * kv
-    return ACT_BYTES["hidden"] * h + split / tp
+    return ACT_BYTES["hidden"] * h + split / tp + ACT_BYTES["head_dim"] * convert.head_dim(cfg)
 
 
 def memory_plan(cfg, tp, pp, dp, s):
@@ -1189,7 +1193,9 @@ def memory_plan(cfg, tp, pp, dp, s):
         activations = in_flight * T * layers * per_token_layer
     chunk = min(s.logits_chunk_tokens or T, T)
     # bf16 logits, the cross entropy's fp32 copy, its fp32 gradient and the bf16 one: 12 bytes
-    logits = 12 * chunk * cfg["vocab_size"] / tp
+    # per token and vocabulary entry; and the output matrix's bf16 gradient, which the backward
+    # makes whole before adding it to the fp32 gradient buffer (measured with the activations)
+    logits = 12 * chunk * cfg["vocab_size"] / tp + 2 * cfg["vocab_size"] * h / tp
     shard = 1 / dp if s.distributed_optimizer else 1.0
     largest = cfg["vocab_size"] * h / tp                       # the embedding: AdamW's biggest tensor
     # The step's GPU state: fp32 master weights and both Adam moments (12 bytes per parameter; 4
