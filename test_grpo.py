@@ -1191,13 +1191,13 @@ def plan_for(size, gpu_gib, *flags):
 def test_memory_plan_turns_levers_on_only_as_the_gpu_gets_smaller():
     big, s_big = plan_for("3B", 200)
     assert s_big == {"micro_batch_tokens": 16384, "recompute": "none", "grad_reduce_dtype": "fp32",
-                     "adam_moments": "gpu"}                                # nothing to trade on a big GPU
+                     "adam_moments": "gpu", "logits_chunk_tokens": 0}      # nothing to trade on a big GPU
     levers = []
     for gib in (80, 64, 52, 42):
         plan, s = plan_for("3B", gib)
         assert plan["train_peak"] <= 0.9 * gib * 2**30                    # at least 10% of the GPU free
         levers.append((s["adam_moments"] == "host", s["grad_reduce_dtype"] == "bf16", s["recompute"] == "full",
-                       -s["micro_batch_tokens"]))
+                       -s["micro_batch_tokens"], s["logits_chunk_tokens"] > 0))
     assert levers == sorted(levers) and levers[0] != levers[-1]            # ever more levers, never fewer
 
 
@@ -1960,6 +1960,37 @@ GRPO_TEACHES = ["--steps", "30", "--prompts-per-step", "64", "--n-samples-per-pr
                 "--save-interval", "0"]
 
 
+def teach_arithmetic(tmp_path, runs):
+    """`bash run.sh` (MODEL_SIZE=custom) on the arithmetic set and model of build_arithmetic, one
+    run per (name, extra flags); returns {name: metrics rows}, and prints each run's greedy test
+    accuracy and reward by step."""
+    import convert
+    t0 = time.time()
+    data, model = build_arithmetic(str(tmp_path))
+    print(f"data and warm-up: {time.time() - t0:.0f}s")
+    out = {}
+    for name, flags in runs:
+        t = time.time()
+        env = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model, DATA_DIR=data,
+                   CKPT_DIR=str(tmp_path / name), MASTER_PORT=str(convert.free_port()), PYTHONUNBUFFERED="1")
+        p = run_sh(*GRPO_TEACHES, *flags, env=env, timeout=600)
+        print(p.stdout[-2500:])
+        assert p.returncode == 0, p.stderr[-5000:]
+        out[name] = read_metrics(tmp_path / name / "grpo" / "metrics.jsonl")
+        print(f"{name}: {time.time() - t:.0f}s")
+        if os.environ.get("GRPO_TEST_OUT"):                     # for the README's curve
+            shutil.copy(tmp_path / name / "grpo" / "metrics.jsonl", os.path.join(os.environ["GRPO_TEST_OUT"],
+                                                                                   f"{name}.jsonl"))
+        curve = " ".join(f"{x['step']}:{x['eval_accuracy']:.3f}" for x in out[name] if "eval_accuracy" in x)
+        print(f"{name} greedy test accuracy by step:", curve)
+        print(f"{name} reward by step:", " ".join(f"{x['reward']:.2f}" for x in out[name] if x["step"] > 0))
+    return out
+
+
+def accuracy_curve(rows):
+    return [(x["step"], x["eval_accuracy"]) for x in rows if "eval_accuracy" in x]
+
+
 @gpu
 def test_gpu_grpo_teaches_arithmetic_through_the_math_path(tmp_path):
     """The proof that the pipeline teaches: a small model with partial arithmetic skill (see
@@ -1967,29 +1998,8 @@ def test_gpu_grpo_teaches_arithmetic_through_the_math_path(tmp_path):
     instruction, convert.py, torchrun grpo.py, math-verify's reward on the last box, greedy
     evaluation on 512 held-out problems). Test accuracy must rise by 25 points, the reward must
     rise, vLLM and Megatron must agree on every step, and a control with --lr 0 must stay flat."""
-    import shutil
-    import convert
-    t0 = time.time()
-    data, model = build_arithmetic(str(tmp_path))
-    print(f"data and warm-up: {time.time() - t0:.0f}s")
-    runs = {}
-    for name, lr in (("grpo", "3e-4"), ("control", "0")):
-        t = time.time()
-        env = dict(MODEL_SIZE="custom", GPUS_PER_NODE="1", MODEL_DIR=model, DATA_DIR=data,
-                   CKPT_DIR=str(tmp_path / name), MASTER_PORT=str(convert.free_port()), PYTHONUNBUFFERED="1")
-        p = run_sh(*GRPO_TEACHES, "--lr", lr, env=env, timeout=600)
-        print(p.stdout[-2500:])
-        assert p.returncode == 0, p.stderr[-5000:]
-        runs[name] = read_metrics(tmp_path / name / "grpo" / "metrics.jsonl")
-        print(f"{name}: {time.time() - t:.0f}s")
-        if os.environ.get("GRPO_TEST_OUT"):                     # for the README's curve
-            shutil.copy(tmp_path / name / "grpo" / "metrics.jsonl", os.path.join(os.environ["GRPO_TEST_OUT"],
-                                                                                   f"{name}.jsonl"))
-    curves = {}
-    for name, m in runs.items():
-        curves[name] = [(x["step"], x["eval_accuracy"]) for x in m if "eval_accuracy" in x]
-        print(f"{name} greedy test accuracy by step:", " ".join(f"{s}:{a:.3f}" for s, a in curves[name]))
-        print(f"{name} reward by step:", " ".join(f"{x['reward']:.2f}" for x in m if x["step"] > 0))
+    runs = teach_arithmetic(tmp_path, [("grpo", ["--lr", "3e-4"]), ("control", ["--lr", "0"])])
+    curves = {name: accuracy_curve(m) for name, m in runs.items()}
     grpo = runs["grpo"]
     steps = [x for x in grpo if x["step"] > 0]
     ev = [x for x in grpo if "eval_accuracy" in x]
@@ -2007,6 +2017,24 @@ def test_gpu_grpo_teaches_arithmetic_through_the_math_path(tmp_path):
         per_token = e["time_eval_generate"] / e["eval_generated_tokens"]
         rollout_per_token = sum(x["time_rollout"] for x in steps) / sum(x["generated_tokens"] for x in steps)
         assert per_token <= 1.5 * rollout_per_token, (e["step"], per_token, rollout_per_token)
+
+
+@gpu
+def test_gpu_grpo_teaches_arithmetic_with_dapo_switches(tmp_path):
+    """The same teaching run with four updates per rollout batch (the clip acts), DAPO's
+    clip-higher and dynamic sampling (groups whose answers all score alike are replaced by fresh
+    prompts): the model still learns, the clip fires, and the filter drops groups."""
+    m = teach_arithmetic(tmp_path, [("dapo", ["--lr", "3e-4", "--mini-batches", "4", "--clip-ratio-high", "0.28",
+                                              "--filter-groups"])])["dapo"]
+    curve = accuracy_curve(m)
+    steps = [x for x in m if x["step"] > 0]
+    print("clip_frac:", " ".join(f"{x['clip_frac']:.3f}" for x in steps))
+    print("filter dropped / rounds:", " ".join(f"{x['filter_dropped_frac']:.2f}/{x['filter_rounds']}" for x in steps))
+    print("logp diff:", " ".join(f"{x['logp_diff_vllm_megatron']:.4f}" for x in steps))
+    assert curve[-1][1] - curve[0][1] >= 0.25
+    assert all(x["optimizer_steps"] == 4 for x in steps) and max(x["clip_frac"] for x in steps) > 0
+    assert max(x["filter_dropped_frac"] for x in steps) > 0
+    assert max(x["logp_diff_vllm_megatron"] for x in steps) < 0.02
 
 
 @pytest.fixture(scope="module")
@@ -2104,7 +2132,8 @@ def actbytes_main(argv):
         torch.cuda.empty_cache()
     for layers in (2, 4):
         cfg = dict(convert.qwen_config("7B"), num_hidden_layers=layers)
-        args = grpo.parse_args(["--benchmark", "7B", "--micro-batch-tokens", "8192", "--recompute", "none",
+        args = grpo.parse_args(["--benchmark", "7B", "--micro-batch-tokens", "8192", "--logits-chunk-tokens", "2048",
+                                "--recompute", "none",
                                 "--grad-reduce-dtype", "fp32", "--adam-moments", "gpu", "--kl-log-interval", "0"])
         model, optimizer = grpo.build_trainer(cfg, args)
         samples = [{"prompt_ids": torch.randint(0, 150000, (256,)).tolist(),
