@@ -1613,9 +1613,12 @@ def rollout_requests(prompts, args, rnd):
     vLLM-vs-Megatron check (and --tis-cap): the loss takes Megatron's. They cost Python objects
     per token in the thread that also schedules the GPU, so without --tis-cap only the first
     prompt of an engine's share asks for them (logprobs=0: the sampled token's), in the first
-    round: its n samples are plenty to see a bad sync.
+    round: its n samples are plenty to see a bad sync. --filter-groups drops a group whose
+    answers all score alike, log-probs and all, so there the first prompt of every round asks; a
+    step whose asking groups were all dropped has no check (no logp_diff_vllm_megatron).
     Example: max_len 20, prompts of 3 and 10 tokens -> [(17, 0), (10, None)]"""
-    return [(args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and rnd == 0)) else None)
+    asks = rnd == 0 or args.filter_groups
+    return [(args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and asks)) else None)
             for i, p in enumerate(prompts)]
 
 

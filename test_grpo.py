@@ -430,9 +430,11 @@ def test_overlong_penalty_ramps_over_the_last_buffer_tokens():
 def test_each_prompt_may_be_answered_with_what_is_left_of_max_len():
     import types
     import grpo
-    args = types.SimpleNamespace(max_len=20, tis_cap=0.0)
+    args = types.SimpleNamespace(max_len=20, tis_cap=0.0, filter_groups=False)
     assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 0) == [(17, 0), (10, None)]
     assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 1) == [(17, None), (10, None)]   # later rounds
+    args.filter_groups = True                               # the first round's asking group may be dropped
+    assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 1) == [(17, 0), (10, None)]
     args.tis_cap = 2.0                                      # TIS needs vLLM's log-probs of every sample
     assert grpo.rollout_requests([[1] * 3, [1] * 10], args, 1) == [(17, 0), (10, 0)]
 
@@ -2030,11 +2032,13 @@ def test_gpu_grpo_teaches_arithmetic_with_dapo_switches(tmp_path):
     steps = [x for x in m if x["step"] > 0]
     print("clip_frac:", " ".join(f"{x['clip_frac']:.3f}" for x in steps))
     print("filter dropped / rounds:", " ".join(f"{x['filter_dropped_frac']:.2f}/{x['filter_rounds']}" for x in steps))
-    print("logp diff:", " ".join(f"{x['logp_diff_vllm_megatron']:.4f}" for x in steps))
+    diffs = [x["logp_diff_vllm_megatron"] for x in steps if "logp_diff_vllm_megatron" in x]
+    print(f"logp diff ({len(diffs)} of {len(steps)} steps kept a group with vLLM's log-probs):",
+          " ".join(f"{d:.4f}" for d in diffs))
     assert curve[-1][1] - curve[0][1] >= 0.25
     assert all(x["optimizer_steps"] == 4 for x in steps) and max(x["clip_frac"] for x in steps) > 0
     assert max(x["filter_dropped_frac"] for x in steps) > 0
-    assert max(x["logp_diff_vllm_megatron"] for x in steps) < 0.02
+    assert len(diffs) >= len(steps) // 2 and max(diffs) < 0.02
 
 
 @pytest.fixture(scope="module")
