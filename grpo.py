@@ -2064,14 +2064,22 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
     params = ctx["sampling"](args.max_len - args.toy_prompt_len, None)
     before = vllm_counter(llm, "vllm:num_preemptions")
 
-    def plain_vllm():
-        outs = generate(llm, [p for p, _ in prompts], params)
-        n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
-        dist.all_reduce(n)
-        return n.item()
-    gen_tokens, vllm_s = cuda_seconds(plain_vllm)
-    vllm_tps = gen_tokens / args.tp / vllm_s              # each TP group generated its own share
+    def job_tokens_per_s(sampling_params):
+        def run():
+            outs = generate(llm, [p for p, _ in prompts], sampling_params)
+            n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
+            dist.all_reduce(n)
+            return n.item()
+        tokens, seconds = cuda_seconds(run)
+        return tokens / args.tp / seconds                 # each TP group generated its own share
+    vllm_tps = job_tokens_per_s(params)
     plain_preemptions = None if before is None else vllm_counter(llm, "vllm:num_preemptions") - before
+    # the same with a seed on every request, as the rollout asks (rollout_seed): vLLM then draws
+    # each seeded request's samples with a generator of its own, the rollout's one difference in
+    # kind from plain generate
+    seeded_tps = job_tokens_per_s([ctx["sampling"](args.max_len - args.toy_prompt_len, None,
+                                                   seed=rollout_seed(args.seed, 0, ctx["engine"], 1, i))
+                                   for i in range(len(prompts))])
     cache = llm.llm_engine.vllm_config.cache_config
     # ceiling 2: Megatron forward+backward alone, same rows and micro batches
     llm.sleep(level=args.sleep_level)
@@ -2093,7 +2101,8 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
               "phases_s": {k[5:]: v for k, v in mean.items() if k.startswith("time_")},
               "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
               "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
-              "ceiling_vllm_tokens_per_s": vllm_tps, "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
+              "ceiling_vllm_tokens_per_s": vllm_tps, "vllm_seeded_tokens_per_s": seeded_tps,
+              "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
               "gpu_peak_train_gib": max(m.get("gpu_peak_train_gib", 0.0) for m in history),
               "gpu_used_rollout_gib": max(m["gpu_used_rollout_gib"] for m in history),
               "plan_train_gib": plan["train_peak"] / 2**30, "plan_rollout_gib": plan["rollout_peak"] / 2**30,
@@ -2118,7 +2127,7 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
         print(f"  rollout {report['rollout_tokens_per_s']:,.0f} generated tok/s = "
               f"{100 * report['rollout_share_of_ceiling']:.0f}% of plain vLLM ({vllm_tps:,.0f} tok/s); KV cache "
               f"{report['kv_cache_tokens']} tokens; preemptions per rollout {report['vllm_preemptions_per_step']} "
-              f"(plain vLLM {plain_preemptions})")
+              f"(plain vLLM {plain_preemptions}); plain vLLM with a seed per request {seeded_tps:,.0f} tok/s")
         print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
               f"forward+backward {fb_tps:,.0f} tok/s")
         print(f"  GPU memory: train peak {report['gpu_peak_train_gib']:.1f} GiB (plan {report['plan_train_gib']:.1f}), "
