@@ -1426,7 +1426,8 @@ def parse_args(argv):
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 10%%)")
+                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 10%% of "
+                        "the GPU and what grows beside vLLM after the first update; see vllm_reserve)")
     g.add_argument("--sleep-level", type=int, default=2, choices=(1, 2),
                    help="vLLM sleep between rollouts: 2 drops its weights (the sync rewrites them anyway), "
                         "1 keeps a copy in host memory")
