@@ -1126,7 +1126,7 @@ def rollout_layout(prompts_per_step, world, tp, pp):
 # kv heads x head dim). The MLP dominates: the SwiGLU keeps its [2 ffn] input, its halves and
 # their product. The rest: four [h] tensors around the two norms (their inputs and outputs; the
 # fused CUDA RMSNorm keeps only its bf16 input and one fp32 number per token - the CPU's keeps
-# two fp32 copies, 16 h more), the fused qkv output, attention's output twice (the kernel's and
+# two fp32 copies instead, 12 h more per layer), the fused qkv output, attention's output twice (the kernel's and
 # the projection's input) and the RoPE tables. Under TP the heads and the MLP are split over the
 # ranks, but the norms' tensors (8 h) are whole on every rank.
 ACT_BYTES = {"hidden": 8, "hidden_split": 6, "ffn": 10, "kv": 6, "head_dim": 8}
@@ -1140,10 +1140,11 @@ OVERHEAD_GIB = 3.0
 # and prefill working memory. Measured on top of the pool: 2.8 GiB at 0.5B (1024 sequences at
 # once), 1.5 GiB at 3B, 1.1 GiB at 7B.
 ROLLOUT_GROWTH_GIB = 3.0
-# What vLLM's pool leaves free at start: the growth above plus 10% of the GPU, which is what stays
-# free while it generates.
+# The share of the GPU that stays free while vLLM generates; its pool, sized at start, leaves
+# that and the growth above.
+ROLLOUT_FREE = 0.1
 def vllm_reserve(gpu_bytes):
-    return 0.1 * gpu_bytes + ROLLOUT_GROWTH_GIB * GIB
+    return ROLLOUT_FREE * gpu_bytes + ROLLOUT_GROWTH_GIB * GIB
 # The share of a GPU the update may fill by the plan: 10% stays free, and 5% more covers the
 # plan's own error (its predictions against measured peaks are in the README).
 PLAN_FILL = 0.85
@@ -1233,7 +1234,7 @@ def memory_plan(cfg, tp, pp, dp, s):
     # weights when sleep level 1 copies them out
     host = s.gpus_per_node * (12 * P * shard + (2 * P if s.ref and not s.ref_on_gpu else 0)
                               + (vllm_weights if s.sleep_level == 1 else 0))
-    return {"parts": parts, "train_peak": train_peak, "rollout_peak": gpu - vllm_reserve(gpu) + ROLLOUT_GROWTH_GIB * GIB,
+    return {"parts": parts, "train_peak": train_peak, "rollout_peak": (1 - ROLLOUT_FREE) * gpu,
             "kv_cache": kv_cache, "kv_tokens": max(0.0, kv_cache / kv_per_token),
             "concurrent_seqs": max(0.0, kv_cache / kv_per_token / s.max_len), "host": host, "gpu": gpu}
 

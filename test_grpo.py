@@ -2119,7 +2119,6 @@ def actbytes_main(argv):
     a 2-layer and a 1-layer model of each Qwen2.5 shape; (2) the GPU memory a forward+backward of
     an 8192-token micro batch adds at its peak (grpo's update_step, stopped before the optimizer
     step), for the 7B shape with 2 and 4 layers."""
-    import types
     import torch
     import convert
     import grpo
@@ -2158,10 +2157,7 @@ def actbytes_main(argv):
             grpo.update_step(model, optimizer, batch, args)
         finally:
             grpo.optimizer_step = step
-        plan = grpo.memory_plan(cfg, 1, 1, 1, types.SimpleNamespace(
-            micro_batch_tokens=8192, logits_chunk_tokens=args.logits_chunk_tokens, recompute="none",
-            grad_reduce_dtype="fp32", adam_moments="gpu", ref=False, ref_on_gpu=False, sleep_level=2, max_len=1024,
-            max_num_seqs=args.max_num_seqs, distributed_optimizer=True, gpus_per_node=1, gpu_bytes=80 * 2**30))
+        plan = grpo.plan_and_pick_defaults(args, cfg, 1, 80 * 2**30, host_bytes=0)   # every setting given
         res["peak"][str(layers)] = {"measured": seen["peak"] / 2**30,
                                     "planned": (plan["parts"]["activations"] + plan["parts"]["logits"]) / 2**30}
         del model, optimizer
