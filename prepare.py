@@ -5,6 +5,10 @@
     python prepare.py download-model --model Qwen/Qwen2.5-7B-Instruct --local_dir Qwen2.5-7B-Instruct
     # preprocess: dataset/MATH-lighteval/data/{train,test}-*.parquet -> train.json, test.json
     python prepare.py --input_dir dataset/MATH-lighteval --local_dir dataset/MATH-lighteval
+    # another data set: its layout in flags (README: Your own task), e.g. GSM8K
+    python prepare.py download --dataset openai-mirror/gsm8k --local_dir dataset/gsm8k
+    python prepare.py --input_dir dataset/gsm8k --subdir main --question_column question \\
+        --answer_column answer --answer_format gsm8k --data_source openai/gsm8k
 
 Each output line is one prompt in the layout the reference pipeline (ChatLearn / verl) uses:
 
@@ -311,16 +315,47 @@ atexit.register(close_reward_workers)
 # ----------------------------------------------------------------------------------------------
 # Preprocessing
 # ----------------------------------------------------------------------------------------------
-def make_row(problem, solution, level, type_, split, index):
-    """One output record, or None when the row cannot be used (empty problem, no boxed answer)."""
+# How the ground truth is taken from a data set's answer column (prepare.py --answer_format).
+ANSWER_FORMATS = ("boxed", "gsm8k", "whole")
+SKIPPED_BECAUSE = {"boxed": "no boxed answer or empty problem", "gsm8k": "no answer after #### or empty problem",
+                   "whole": "empty answer or problem"}
+
+
+def ground_truth_of(answer, answer_format):
+    """The ground truth in a reference answer, or None if it has none: "boxed" (MATH) takes the
+    content of the last \\boxed{}; "gsm8k" the text after the last "####", without thousands
+    commas (as verl's gsm8k preprocessing); "whole" the whole answer (a data set whose answer
+    column is the final answer already).
+
+    Example:
+        ground_truth_of("... $\\boxed{\\frac{1}{2}}$.", "boxed")                 ->  "\\frac{1}{2}"
+        ground_truth_of("She has 3 + 2 = <<3+2=5>>5 apples.\\n#### 1,005", "gsm8k")   ->  "1005"
+        ground_truth_of(" 42 ", "whole")                                           ->  "42"
+    """
+    if answer_format == "whole" and isinstance(answer, int):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        return None
+    if answer_format == "boxed":
+        truth = last_boxed(answer)
+    elif answer_format == "gsm8k":
+        truth = answer.rpartition("####")[2].replace(",", "").strip() if "####" in answer else None
+    else:
+        truth = answer.strip()
+    return truth if truth and truth.strip() else None
+
+
+def make_row(problem, solution, level, type_, split, index, answer_format="boxed", instruction=INSTRUCTION,
+             data_source=DATA_SOURCE):
+    """One output record, or None when the row cannot be used (empty problem, no ground truth)."""
     if not isinstance(problem, str) or not problem.strip():
         return None
-    truth = last_boxed(solution) if isinstance(solution, str) else None
-    if truth is None or not truth.strip():
+    truth = ground_truth_of(solution, answer_format)
+    if truth is None:
         return None
     return {
-        "data_source": DATA_SOURCE,
-        "prompt": [{"role": "user", "content": problem + " " + INSTRUCTION}],
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": problem + " " + instruction if instruction else problem}],
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": truth},
         "extra_info": {"split": split, "index": index, "level": level, "type": type_},
@@ -374,39 +409,59 @@ def check_output_dir(local_dir):
         die(f"--local_dir {local_dir} is not writable")
 
 
-def preprocess(input_dir, local_dir):
-    """Read data/{train,test}-*.parquet under input_dir; write train.json and test.json.
+def split_files(folder, split):
+    """(loader, files) of one split in folder: {split}-*.parquet (the HF layout), else {split}.jsonl
+    or {split}-*.jsonl; (None, []) when there are none."""
+    for loader, patterns in (("parquet", [f"{split}-*.parquet"]), ("json", [f"{split}.jsonl", f"{split}-*.jsonl"])):
+        found = sorted(f for pattern in patterns for f in glob.glob(os.path.join(folder, pattern)))
+        if found:
+            return loader, found
+    return None, []
 
+
+def preprocess(input_dir, local_dir, subdir="data", question_column="problem", answer_column="solution",
+               answer_format="boxed", instruction=INSTRUCTION, data_source=DATA_SOURCE):
+    """Read {train,test}-*.parquet (or .jsonl) under input_dir/subdir; write train.json and test.json.
+
+    The defaults read MATH-lighteval; the arguments read another data set's layout (see main).
     Returns {split: (written, skipped)}. Bad rows are skipped and counted, never fatal: one odd
-    row in 7500 should not stop a training run.
+    row in 7500 should not stop a training run. A split with no row left is: an empty prompt set
+    means the columns or the answer format are wrong, and nothing is written.
     """
     if not os.path.isdir(input_dir):
         die(f"input folder {input_dir} does not exist; run `python prepare.py download --local_dir {input_dir}` first")
-    files = {split: sorted(glob.glob(os.path.join(input_dir, "data", f"{split}-*.parquet")))
-             for split in ("train", "test")}
-    for split, found in files.items():
+    folder = os.path.join(input_dir, subdir)
+    files = {split: split_files(folder, split) for split in ("train", "test")}
+    for split, (_, found) in files.items():
         if not found:
-            die(f"no {split}-*.parquet under {os.path.join(input_dir, 'data')}; expected the MATH-lighteval layout data/{{train,test}}-*.parquet")
+            die(f"no {split}-*.parquet or {split}.jsonl under {folder}; expected MATH-lighteval's layout "
+                f"data/{{train,test}}-*.parquet, or pass the folder that holds them with --subdir")
     check_output_dir(local_dir)
     import datasets
     from tqdm import tqdm
     datasets.disable_progress_bars()
     summary, outputs = {}, {}
-    for split, found in files.items():
+    for split, (loader, found) in files.items():
         try:
-            ds = datasets.load_dataset("parquet", data_files=found, split="train")
+            ds = datasets.load_dataset(loader, data_files=found, split="train")
         except Exception as e:
-            die(f"cannot read {split} parquet files in {input_dir}/data: {str(e).splitlines()[0]}")
-        missing = [c for c in ("problem", "solution") if c not in ds.column_names]
+            die(f"cannot read {split} {loader} files in {folder}: {str(e).splitlines()[0]}")
+        missing = [c for c in (question_column, answer_column) if c not in ds.column_names]
         if missing:
-            die(f"{split} parquet files lack the column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)}")
+            die(f"{split} {loader} files lack the column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)} "
+                "(--question_column and --answer_column name yours)")
         rows, skipped = [], 0
         for index, ex in enumerate(tqdm(ds, desc=f"{split}", unit="row", file=sys.stderr)):
-            row = make_row(ex.get("problem"), ex.get("solution"), ex.get("level"), ex.get("type"), split, index)
+            row = make_row(ex.get(question_column), ex.get(answer_column), ex.get("level"), ex.get("type"), split, index,
+                           answer_format, instruction, data_source)
             if row is None:
                 skipped += 1
             else:
                 rows.append(row)
+        if not rows:
+            die(f"no usable {split} row in {folder}: all {skipped} skipped ({SKIPPED_BECAUSE[answer_format]}); "
+                f"check --question_column {question_column} --answer_column {answer_column} --answer_format {answer_format}; "
+                f"nothing was written")
         outputs[split] = rows
         summary[split] = (len(rows), skipped)
     # Both splits are read and checked before anything is written.
@@ -457,15 +512,26 @@ def main(argv=None):
         print(f"downloaded to {a.local_dir or a.model.split('/')[-1]}")
         return
     p = one_line_errors(argparse.ArgumentParser(
-        description="Turn MATH-lighteval parquet files into the GRPO prompt set (train.json, test.json). "
-                    "Subcommands: `download` (the data set) and `download-model` (a Qwen2.5 checkpoint); "
-                    "see `prepare.py download --help`."))
-    p.add_argument("--input_dir", default="dataset/MATH-lighteval", help="folder holding data/{train,test}-*.parquet")
+        description="Turn MATH-lighteval parquet files (or another data set's, with the layout flags) into the GRPO "
+                    "prompt set (train.json, test.json). Subcommands: `download` (a data set) and `download-model` "
+                    "(a Qwen2.5 checkpoint); see `prepare.py download --help`."))
+    p.add_argument("--input_dir", default="dataset/MATH-lighteval", help="the data set's folder (MATH-lighteval: data/{train,test}-*.parquet in it)")
     p.add_argument("--local_dir", default=None, help="output folder for train.json/test.json (default: input_dir)")
+    g = p.add_argument_group("another data set's layout (defaults: MATH-lighteval's)")
+    g.add_argument("--subdir", default="data",
+                   help="folder under input_dir with {train,test}-*.parquet or {train,test}.jsonl (GSM8K: main; . for input_dir)")
+    g.add_argument("--question_column", default="problem", help="column holding the question")
+    g.add_argument("--answer_column", default="solution", help="column holding the reference answer")
+    g.add_argument("--answer_format", default="boxed", choices=ANSWER_FORMATS,
+                   help="where the ground truth is in the answer: its last \\boxed{} (MATH), the text after #### "
+                        "(GSM8K), or the whole answer")
+    g.add_argument("--instruction", default=INSTRUCTION, help="appended to each question after a space ('' for none)")
+    g.add_argument("--data_source", default=DATA_SOURCE, help="the records' data_source field")
     a = p.parse_args(argv)
     out = a.local_dir or a.input_dir
-    summary = preprocess(a.input_dir, out)
-    print("wrote " + ", ".join(f"{out}/{s}.json: {n} rows ({k} skipped: no boxed answer or empty problem)"
+    summary = preprocess(a.input_dir, out, a.subdir, a.question_column, a.answer_column, a.answer_format,
+                         a.instruction, a.data_source)
+    print("wrote " + ", ".join(f"{out}/{s}.json: {n} rows ({k} skipped: {SKIPPED_BECAUSE[a.answer_format]})"
                                for s, (n, k) in summary.items()))
 
 

@@ -139,6 +139,66 @@ def test_prepare_failing_on_the_second_file_leaves_no_new_train_json_beside_the_
     assert set(os.listdir(out)) <= {"train.json", "test.json", "test.json.tmp"}   # no temp file of ours left
 
 
+def test_prepare_with_no_usable_row_is_one_line_error_and_writes_nothing(tmp_path):
+    """A prompt set of zero rows means the columns or the answer format are wrong: say so, write nothing."""
+    unboxed = [{"problem": f"What is {i} + {i}?", "solution": f"It is {2 * i}."} for i in range(5)]
+    write_math_parquet(str(tmp_path / "in"), "train", unboxed)
+    write_math_parquet(str(tmp_path / "in"), "test", math_rows(3, "test"))
+    p = run_script("prepare.py", "--input_dir", str(tmp_path / "in"), "--local_dir", str(tmp_path / "out"))
+    assert_one_line_error(p, "no usable train row", "all 5 skipped", "--answer_format boxed", "nothing was written")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def gsm8k_rows(n):
+    return [{"question": f"Tom has {i} apples and buys 1,000 more. How many?",
+             "answer": f"He has {i} + 1000 = <<{i}+1000={i + 1000}>>{i + 1000:,} apples.\n#### {i + 1000:,}"}
+            for i in range(n)]
+
+
+def test_prepare_reads_a_gsm8k_layout_with_its_flags(tmp_path):
+    """GSM8K as on the hub: main/{train,test}-*.parquet, question/answer, the answer after ####."""
+    import pandas as pd
+    os.makedirs(tmp_path / "gsm8k" / "main")
+    train = gsm8k_rows(6) + [{"question": "No marker", "answer": "It is 4."}]
+    pd.DataFrame(train).to_parquet(tmp_path / "gsm8k" / "main" / "train-00000-of-00001.parquet")
+    pd.DataFrame(gsm8k_rows(3)).to_parquet(tmp_path / "gsm8k" / "main" / "test-00000-of-00001.parquet")
+    p = run_script("prepare.py", "--input_dir", str(tmp_path / "gsm8k"), "--subdir", "main", "--question_column", "question",
+                   "--answer_column", "answer", "--answer_format", "gsm8k", "--data_source", "openai/gsm8k")
+    assert p.returncode == 0, p.stderr
+    assert "train.json: 6 rows (1 skipped: no answer after #### or empty problem)" in p.stdout
+    train, test = read_jsonl(tmp_path / "gsm8k" / "train.json"), read_jsonl(tmp_path / "gsm8k" / "test.json")
+    assert [r["reward_model"]["ground_truth"] for r in train] == ["1000", "1001", "1002", "1003", "1004", "1005"]
+    assert train[2]["prompt"] == [{"role": "user", "content": "Tom has 2 apples and buys 1,000 more. How many? "
+                                   + prepare.INSTRUCTION}]
+    assert train[0]["data_source"] == "openai/gsm8k" and len(test) == 3
+
+
+def test_prepare_reads_jsonl_with_the_whole_answer_and_no_instruction(tmp_path):
+    rows = [{"q": "2 + 2?", "a": 4}, {"q": "Capital of France?", "a": " Paris "}, {"q": "Empty?", "a": ""}]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run_script("prepare.py", "--input_dir", str(tmp_path), "--subdir", ".", "--question_column", "q",
+                   "--answer_column", "a", "--answer_format", "whole", "--instruction", "")
+    assert p.returncode == 0, p.stderr
+    train = read_jsonl(tmp_path / "train.json")
+    assert [(r["prompt"][0]["content"], r["reward_model"]["ground_truth"]) for r in train] == \
+        [("2 + 2?", "4"), ("Capital of France?", "Paris")]
+
+
+@pytest.mark.parametrize("answer,answer_format,truth", [
+    ("so $\\boxed{1}$ or rather $\\boxed{\\frac{1}{2}}$.", "boxed", "\\frac{1}{2}"),
+    ("She has 3 + 2 = <<3+2=5>>5 apples.\n#### 1,005", "gsm8k", "1005"),
+    ("#### 7\n#### -12", "gsm8k", "-12"),                         # the last marker
+    ("no marker, 42", "gsm8k", None),
+    ("####   ", "gsm8k", None),
+    (" 42 ", "whole", "42"),
+    (42, "whole", "42"),
+    (None, "boxed", None),
+])
+def test_ground_truth_is_taken_from_the_answer_as_its_format_says(answer, answer_format, truth):
+    assert prepare.ground_truth_of(answer, answer_format) == truth
+
+
 def test_download_offline_is_one_line_error(tmp_path):
     p = run_script("prepare.py", "download", "--local_dir", str(tmp_path / "d"), timeout=300)
     assert_one_line_error(p, "AI-ModelScope/MATH-lighteval", "modelscope")
