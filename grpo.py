@@ -828,7 +828,8 @@ def check_out_dir(out, resume):
 
 def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
     """Model + optimizer (dist_checkpointing, any TP/PP can load the model), and the loop's state
-    (data position, the step's metrics line so far); then drop all but the newest `keep_last`.
+    (data position, the prompt set's fingerprint, the step's metrics line so far); then drop all but
+    the newest `keep_last`.
 
     No RNG state is saved: every step's sampling is seeded from (--seed, step, engine) by
     `rollout_seed`, so a resumed run draws the same samples without one."""
@@ -892,6 +893,16 @@ def load_checkpoint(path, model, optimizer):
     apply_weight_decay_multipliers(optimizer, optimizer.config.weight_decay)
     with open(os.path.join(path, "train_state.json")) as f:
         return json.load(f)
+
+
+def check_prompt_set(saved, now, data_dir):
+    """UserError when a checkpoint trained on another prompt set than the one loaded now (fingerprints
+    from prompt_set_fingerprint). CKPT_DIR does not depend on DATA_DIR, so this is one changed
+    variable away. Checkpoints from before fingerprints were recorded (saved None) are not checked."""
+    if saved is not None and saved != now:
+        raise UserError(f"the checkpoint was trained on {saved['rows']} prompts (sha256 {saved['sha256']}), but --data "
+                        f"{data_dir} gives {now['rows']} (sha256 {now['sha256']}); resume with the prompt set it trained on "
+                        "(the same --data, --max-prompt-len and tokenizer) or start a new --out")
 
 
 def restore_metrics(path, resume_step, saved_line=None):
@@ -1086,6 +1097,17 @@ def load_prompt_file(path):
     if not rows:
         raise UserError(f"{path} is empty")
     return rows
+
+
+def prompt_set_fingerprint(rows):
+    """{"rows": N, "sha256": short hash} of the prompts a run trains on, in order: (prompt, ground
+    truth) pairs, as the saved data order indexes them (after tokenize dropped the long ones).
+    Checkpoints record it, and a resume checks it: the saved order of another prompt set would
+    index the wrong prompts, or past the end of a shorter set."""
+    h = hashlib.sha256()
+    for prompt, truth in rows:
+        h.update(json.dumps([prompt, truth]).encode() + b"\n")
+    return {"rows": len(rows), "sha256": h.hexdigest()[:16]}
 
 
 def tokenize(tokenizer, rows, max_prompt_len):
@@ -1851,6 +1873,7 @@ def run(args):
     if resume_from:
         train_state = load_checkpoint(resume_from[0][1], model, optimizer)
         log0(f"resuming after step {train_state['step']} from {resume_from[0][1]}")
+        check_prompt_set(train_state.get("prompt_set"), prompt_set_fingerprint(train), args.data)
 
     # ---- the engine ----------------------------------------------------------------------------
     enter_phase(args, 0, "start vLLM")
@@ -1942,7 +1965,8 @@ def run(args):
                 enter_phase(args, step, "save")
                 with timed(times, "save"):
                     save_checkpoint(ckpt_root, step, model, optimizer, cfg,
-                                    {"data": ctx["data_state"], "metrics": dict(m, **time_metrics(times))},
+                                    {"data": ctx["data_state"], "metrics": dict(m, **time_metrics(times)),
+                                     "prompt_set": prompt_set_fingerprint(train)},
                                     args.keep_last)
         # ---- 6. weight sync ---------------------------------------------------------------------
         enter_phase(args, step, "sync")

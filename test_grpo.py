@@ -1524,6 +1524,29 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
         grpo.check_out_dir(str(tmp_path), resume=True)
 
 
+def test_prompt_set_fingerprint_changes_with_any_prompt_ground_truth_or_order():
+    import grpo
+    rows = [([1, 2, 3], "4"), ([5, 6], "\\frac{1}{2}"), ([7], "8")]
+    fp = grpo.prompt_set_fingerprint(rows)
+    assert fp["rows"] == 3 and len(fp["sha256"]) == 16 and fp == grpo.prompt_set_fingerprint([r for r in rows])
+    for other in (rows[:2], [([1, 2, 3], "5")] + rows[1:], [([1, 2, 4], "4")] + rows[1:], rows[::-1]):
+        assert grpo.prompt_set_fingerprint(other) != fp
+
+
+def test_resume_on_another_prompt_set_is_refused_naming_both():
+    """The saved data order of 7,500 MATH prompts fed to 16 GSM8K ones ran past the end
+    (IndexError) mid-run; now the resume stops at once, naming both sets and the --data folder."""
+    import grpo
+    from convert import UserError
+    math, gsm8k = {"rows": 7500, "sha256": "a1b2c3d4e5f60718"}, {"rows": 16, "sha256": "0f1e2d3c4b5a6978"}
+    with pytest.raises(UserError) as e:
+        grpo.check_prompt_set(math, gsm8k, "dataset/gsm8k")
+    for w in ("7500 prompts", "a1b2c3d4e5f60718", "--data dataset/gsm8k gives 16", "0f1e2d3c4b5a6978", "new --out"):
+        assert w in str(e.value)
+    grpo.check_prompt_set(math, dict(math), "dataset/MATH-lighteval")     # the same set: resumes
+    grpo.check_prompt_set(None, gsm8k, "dataset/gsm8k")                   # a checkpoint from before fingerprints
+
+
 def test_no_resume_refusal_is_one_line_before_anything_starts(tiny_ckpts, tmp_path):
     root = tiny_ckpts["root"]
     make_checkpoint_dirs(tmp_path, (20,))
