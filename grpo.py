@@ -36,8 +36,11 @@ CPU, so both always fit. `memory_plan` adds it all up before anything is allocat
 import argparse
 import contextlib
 import hashlib
+import importlib
+import inspect
 import json
 import os
+import pickle
 import random
 import sys
 import time
@@ -1377,6 +1380,9 @@ def parse_args(argv):
     g.add_argument("--load", help="Megatron checkpoint of the initial policy (convert.py output); required")
     g.add_argument("--hf-dir", help="HF folder of the same model: config.json (for vLLM) and tokenizer; required")
     g.add_argument("--data", default="dataset/MATH-lighteval", help="folder with prepare.py's train.json / test.json")
+    g.add_argument("--reward", default="prepare:math_reward",
+                   help="the task's reward, MODULE:FUNCTION importable from the current folder or PYTHONPATH, called as "
+                        "FUNCTION(response, ground_truth, timeout_s=...) -> float or (float, correct) (see load_reward)")
     g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl, checkpoints/ and final/")
     g.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (0: only the final policy)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
@@ -1455,7 +1461,7 @@ def parse_args(argv):
                    help="vLLM sleep between rollouts: 2 drops its weights (the sync rewrites them anyway), "
                         "1 keeps a copy in host memory")
     g.add_argument("--max-num-seqs", type=int, default=1024, help="vLLM's batch of concurrent sequences")
-    g.add_argument("--reward-workers", type=int, default=4, help="processes scoring math answers per engine")
+    g.add_argument("--reward-workers", type=int, default=4, help="processes running the reward per engine")
     g = p.add_argument_group("checks, eval and logging")
     g.add_argument("--logp-diff-warn", type=float, default=0.1,
                    help="warn when vLLM's and Megatron's log-probs of the sampled tokens differ more (per token)")
@@ -1486,6 +1492,7 @@ def parse_args(argv):
     g.add_argument("--world-size", type=int, default=None, help="GPUs in the job, for --memory-plan")
     a = p.parse_args(argv)
     check_values(a)
+    a.reward_fn = load_reward(a.reward)
     if a.benchmark and a.filter_groups:
         raise UserError("--filter-groups changes the benchmark's workload; time it on a training run")
     if a.benchmark:
@@ -1618,17 +1625,77 @@ def take_prompts(state, k, seed):
     return out
 
 
+def load_reward(spec):
+    """The reward function that --reward MODULE:FUNCTION names; UserError in one line when it cannot
+    be imported or called, so that --check-flags (run.sh's step 0) stops a typo before any download.
+
+    MODULE is imported by name, from the current folder or PYTHONPATH: the reward worker processes
+    import it again by that name (forkserver sends functions by reference), so FUNCTION must be a
+    `def` at MODULE's top level. It is called as FUNCTION(response, ground_truth, timeout_s=...)
+    and returns a float or a (float, correct) pair (see prepare.reward_and_correct)."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UserError(f"--reward {spec!r} is not MODULE:FUNCTION (e.g. prepare:math_reward)")
+    if module_name.endswith(".py") or os.sep in module_name:
+        raise UserError(f"--reward {spec}: name the module, not its file ({os.path.basename(module_name).removesuffix('.py')}:{name}), "
+                        "and run from its folder or put that folder on PYTHONPATH")
+    if os.getcwd() not in sys.path:      # a script's imports see its own folder, not the current one
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UserError(f"--reward {spec}: cannot import {module_name} ({type(e).__name__}: {e}); it must be importable "
+                        "from the current folder or PYTHONPATH") from None
+    if not hasattr(module, name):
+        raise UserError(f"--reward {spec}: {module_name} ({module.__file__}) has no function {name}")
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {module_name}.{name} is a {type(fn).__name__}, not a function")
+    try:
+        inspect.signature(fn).bind("response", "ground truth", timeout_s=5)
+    except TypeError as e:
+        raise UserError(f"--reward {spec}: it cannot be called as {name}(response, ground_truth, timeout_s=...) ({e}); "
+                        f"define it as def {name}(response, ground_truth, **extra)") from None
+    except ValueError:
+        pass                             # no signature to read (a builtin): its first call will tell
+    try:
+        pickle.dumps(fn)
+    except Exception as e:
+        raise UserError(f"--reward {spec}: the reward workers cannot import it by name ({e}); define it with def at the "
+                        f"top level of {module_name}") from None
+    if not isinstance(getattr(fn, "top_score", 1.0), (int, float)):
+        raise UserError(f"--reward {spec}: {name}.top_score is {fn.top_score!r}, not a number")
+    return fn
+
+
 def score(samples, args, tokenizer):
-    """Fill "score" (the task's reward) in each sample; returns how many timed out."""
+    """Fill "score" (the task's reward) and "correct" (whether the reward counts the answer as
+    right) in each sample; returns how many timed out."""
     if args.toy_token is not None:
         for s in samples:
-            s["score"] = toy_reward(s["response_ids"], args.toy_token)
+            s["score"], s["correct"] = prepare.reward_and_correct(toy_reward(s["response_ids"], args.toy_token))
         return 0
     texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
-    scores, timed_out = prepare.score_responses(texts, [s["truth"] for s in samples], num_workers=args.reward_workers)
-    for s, r in zip(samples, scores):
-        s["score"] = r
+    scores, correct, timed_out = score_texts(texts, [s["truth"] for s in samples], args)
+    for s, r, c in zip(samples, scores, correct):
+        s["score"], s["correct"] = r, c
     return timed_out
+
+
+def score_texts(texts, truths, args):
+    """(scores, correct, timed_out) of decoded answers by the --reward function, in --reward-workers
+    processes. A reward function that raises stops the run at its first scoring, in one line."""
+    try:
+        return prepare.score_responses(texts, truths, num_workers=args.reward_workers, reward_fn=args.reward_fn)
+    except prepare.RewardError as e:
+        raise UserError(f"{e} (fix it, or return 0.0 for answers it cannot judge)") from None
+
+
+def share_correct(samples):
+    """accuracy: the share of samples whose reward counts them as right. Not the share scoring 1:
+    a reward may give 1.1 to a right answer that is boxed and 1.0 to one that is not.
+    Example: scores [1.1, 1.0, 0.1] with correct [True, True, False] -> 0.667 (the mean score is 0.733)"""
+    return sum(s["correct"] for s in samples) / len(samples)
 
 
 def rollout_requests(prompts, args, rnd):
@@ -1693,7 +1760,7 @@ def rollout(ctx, step, m, times):
     lengths = [len(s["response_ids"]) for s in seen]
     m.update({"reward": sum(s["reward"] for s in seen) / len(seen), "score": float(scores.mean()),
               "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-              "accuracy": float((scores == 1).float().mean()),
+              "accuracy": share_correct(seen),
               "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
               "generated_tokens": sum(lengths), "truncated_frac": sum(s["truncated"] for s in seen) / len(seen),
               "reward_timeouts": timeouts, "rollout_digest": digest(seen)})
@@ -1781,22 +1848,23 @@ def evaluate(ctx, step, m):
     outs = generate(ctx["llm"], [p for p, _ in rows], params)
     m["time_eval_generate"] = time.time() - t
     t = time.time()
-    texts, acc = [], []
+    texts, acc, scores = [], [], []
     if outs and ctx["tp_rank"] == 0:            # TP peers hold the same answers: score once
         texts = ctx["tokenizer"].batch_decode([o[0][0] for o in outs], skip_special_tokens=True)
-        acc, _ = prepare.score_responses(texts, [g for _, g in rows], num_workers=args.reward_workers)
-    totals = torch.tensor([sum(acc), len(acc), sum(len(o[0][0]) for o in outs) * (ctx["tp_rank"] == 0)],
+        scores, acc, _ = score_texts(texts, [g for _, g in rows], args)
+    totals = torch.tensor([sum(acc), len(acc), sum(len(o[0][0]) for o in outs) * (ctx["tp_rank"] == 0), sum(scores)],
                           dtype=torch.float64, device="cuda")
     dist.all_reduce(totals)
     m["eval_accuracy"] = (totals[0] / totals[1].clamp(min=1)).item()
+    m["eval_score"] = (totals[3] / totals[1].clamp(min=1)).item()
     m["eval_generated_tokens"] = totals[2].item()
     m["eval_temperature"] = args.eval_temperature
     m["time_eval_score"] = time.time() - t
     if ctx["log_rank"]:       # the answers this rank scored, to read what the model writes
         os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
         with open(os.path.join(args.out, "eval", f"step_{step:06d}.jsonl"), "w") as f:
-            for text, (_, truth), a in zip(texts, rows, acc):
-                f.write(json.dumps({"response": text, "ground_truth": truth, "reward": a}) + "\n")
+            for text, (_, truth), r, a in zip(texts, rows, scores, acc):
+                f.write(json.dumps({"response": text, "ground_truth": truth, "reward": r, "correct": a}) + "\n")
 
 
 def run(args):

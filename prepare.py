@@ -23,16 +23,19 @@ The ground truth is what the *reference solution* put in its last \\boxed{}; the
 grpo.py pulls the last box out of the *model's* answer with the same `last_boxed`, so both
 sides of the comparison are extracted by one function.
 
-This module also holds the reward (`math_reward`, `score_responses`): it is plain Python with
-no GPU imports, so the reward's worker processes start fast and tests import it cheaply.
+This module also holds the reward (`math_reward`, `score_responses`, and the contract any reward
+function meets: `reward_and_correct`): it is plain Python with no GPU imports, so the reward's
+worker processes start fast and tests import it cheaply.
 """
 import argparse
 import atexit
 import collections
 import glob
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
+import numbers
 import os
 import signal
 import sys
@@ -126,6 +129,54 @@ def math_reward(response, ground_truth, timeout_s=5):
         return 0.0
 
 
+# The contract of a reward function, ours or a plug-in's (grpo.py --reward MODULE:FUNCTION):
+#     FUNCTION(response: str, ground_truth, **extra) -> float | (float, bool)
+# extra holds timeout_s, the seconds one parse or comparison may take. A (score, correct) pair
+# says which answers are right; a plain float is right when it reaches FUNCTION.top_score
+# (default 1.0): math_reward's 1.0 is right, its 0.0 is not.
+class RewardError(Exception):
+    """A reward function raised, or returned something that is not a reward: a bug to fix, not an
+    answer to score 0 (that would train on it in silence)."""
+
+
+def reward_name(reward_fn):
+    return f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', repr(reward_fn))}"
+
+
+def reward_and_correct(value, top_score=1.0):
+    """(score, correct) from what a reward function returned: a (score, correct) pair as given; a
+    plain number is correct when it reaches top_score. ValueError for anything else (None, NaN).
+
+    Example:
+        reward_and_correct(1.0)                  ->  (1.0, True)     # math_reward's right answer
+        reward_and_correct(0.1)                  ->  (0.1, False)
+        reward_and_correct((1.1, True))          ->  (1.1, True)     # right, and boxed: +0.1
+        reward_and_correct(1.0, top_score=1.1)   ->  (1.0, False)
+    """
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], numbers.Real):
+        score, correct = float(value[0]), bool(value[1])
+    elif isinstance(value, numbers.Real):
+        score = float(value)
+        correct = score >= top_score
+    else:
+        raise ValueError(f"returned {value!r:.80}; a reward is a float or a (float, bool) pair")
+    if not math.isfinite(score):
+        raise ValueError(f"returned the score {score}; a reward must be a finite number")
+    return score, correct
+
+
+def judge(reward_fn, response, ground_truth, timeout_s):
+    """(score, correct) of one answer; RewardError naming reward_fn when it raises or returns no reward."""
+    try:
+        value = reward_fn(response, ground_truth, timeout_s=timeout_s)
+    except Exception as e:
+        raise RewardError(f"the reward function {reward_name(reward_fn)} raised {type(e).__name__}: {_short(e)}") from None
+    try:
+        return reward_and_correct(value, getattr(reward_fn, "top_score", 1.0))
+    except ValueError as e:
+        raise RewardError(f"the reward function {reward_name(reward_fn)} {e}") from None
+
+
 # How long a reward worker may go without finishing an answer before it is declared hung, by
 # default: math_reward runs at most two parses and four comparisons (gold and answer each parse
 # to a sympy form and a string), each cut off by SIGALRM after timeout_s, so a worker alive in
@@ -157,9 +208,9 @@ def _reward_worker(conn, reward_fn):
             return
         for i, response, truth in items:
             try:
-                conn.send((i, float(reward_fn(response, truth, timeout_s))))
-            except Exception as e:                 # a bug in reward_fn: re-raised in the parent
-                conn.send((i, e))
+                conn.send((i, judge(reward_fn, response, truth, timeout_s)))
+            except RewardError as e:               # a bug in reward_fn: the parent stops the run
+                conn.send((i, str(e)))
 
 
 def _start_worker(reward_fn):
@@ -193,10 +244,12 @@ def close_reward_workers():
 
 
 def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, stall_s=None, reward_fn=math_reward):
-    """Rewards for a batch, scored in `num_workers` processes: (rewards, timed_out).
+    """Rewards for a batch, scored in `num_workers` processes: (scores, correct, timed_out).
 
-    rewards: one float per response. timed_out: how many of them scored 0 because their worker
-    hung or died on them (the caller logs it; it should stay 0).
+    scores: one float per response; correct: one bool per response, which the reward counts as
+    right (see reward_and_correct). timed_out: how many of them scored 0 (not correct) because
+    their worker hung or died on them (the caller logs it; it should stay 0). A reward_fn that
+    raises or returns no reward stops the batch with RewardError naming it.
 
     Why processes: math-verify's timeouts use SIGALRM, which only fires in a main thread, and
     one slow sympy comparison must not stall a rank that 7 others wait for at the next
@@ -211,17 +264,18 @@ def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, stall_
     delays its batch by about `stall_s`, and hangs in different workers overlap.
 
     num_workers=0 scores in this process (math_reward's own timeouts only; timed_out is 0).
-    `reward_fn(response, ground_truth, timeout_s)` exists for the tests, which pass a function
-    that hangs where SIGALRM cannot reach; it must be importable by name (module level).
+    reward_fn: the task's reward (grpo.py --reward), called as reward_fn(response, ground_truth,
+    timeout_s=timeout_s); the workers import it by name, so it must be defined at module level.
 
     Example (2 workers; the second answer sends sympy into a loop SIGALRM cannot break):
         score_responses([r"\\boxed{2}", <hang>, r"\\boxed{3}"], ["2", "1", "4"], num_workers=2)
-        -> ([1.0, 0.0, 0.0], 1)        # after about stall_s seconds
+        -> ([1.0, 0.0, 0.0], [True, False, False], 1)        # after about stall_s seconds
     """
     global _WORKERS, _WORKERS_KEY
     assert len(responses) == len(ground_truths)
     if num_workers <= 0 or len(responses) == 0:
-        return [reward_fn(r, g, timeout_s) for r, g in zip(responses, ground_truths)], 0
+        judged = [judge(reward_fn, r, g, timeout_s) for r, g in zip(responses, ground_truths)]
+        return [s for s, _ in judged], [c for _, c in judged], 0
     stall_s = default_stall_s(timeout_s) if stall_s is None else stall_s
     if _WORKERS_KEY != (num_workers, reward_fn):
         close_reward_workers()
@@ -243,7 +297,7 @@ def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, stall_
         go back in the queue, and a fresh worker takes its slot."""
         nonlocal left, timed_out
         i = w.items.popleft()
-        rewards[i], left, timed_out = 0.0, left - 1, timed_out + 1
+        rewards[i], left, timed_out = (0.0, False), left - 1, timed_out + 1
         todo.extendleft(reversed(w.items))
         replace(w)
 
@@ -286,8 +340,8 @@ def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, stall_
                         w.ready = True
                     else:
                         i, reward = msg
-                        if isinstance(reward, Exception):
-                            raise reward
+                        if isinstance(reward, str):    # reward_fn raised: judge's message
+                            raise RewardError(reward)
                         w.items.remove(i)
                         rewards[i], left = reward, left - 1
                     if not conn.poll():
@@ -303,7 +357,7 @@ def score_responses(responses, ground_truths, num_workers=4, timeout_s=5, stall_
         # would arrive in the next call. Start clean instead.
         close_reward_workers()
         raise
-    return rewards, timed_out
+    return [s for s, _ in rewards], [c for _, c in rewards], timed_out
 
 
 # Registered after multiprocessing's own exit handler (multiprocessing.connection, imported above,

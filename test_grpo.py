@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -276,8 +277,9 @@ def test_math_reward_times_out_on_pathological_input():
 def test_score_responses_matches_math_reward_in_worker_processes():
     responses = [f"\\boxed{{\\frac{{{i}}}{{2}}}}" for i in range(200)] + ["no box", "\\boxed{\\sum_{n=1}^{10^{9}} n^{n}}"]
     truths = [f"{i % 3}/2" for i in range(200)] + ["1", "5"]
-    rewards, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
+    rewards, correct, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1)
     assert rewards == [1.0 if i < 3 else 0.0 for i in range(200)] + [0.0, 0.0]
+    assert correct == [r == 1.0 for r in rewards]     # math_reward: right is scoring 1
     assert timed_out == 0                      # SIGALRM stopped the pathological one in time
 
 
@@ -304,8 +306,8 @@ def test_score_responses_zeroes_and_counts_only_the_answer_that_hangs():
     truths = [str(i) for i in range(64)]                     # every other answer is right
     prepare.score_responses(["\\boxed{1}"], ["1"], num_workers=2, reward_fn=reward_hangs_on_marker)  # start
     t = time.time()
-    rewards, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1, stall_s=3,
-                                                 reward_fn=reward_hangs_on_marker)
+    rewards, _, timed_out = prepare.score_responses(responses, truths, num_workers=2, timeout_s=1, stall_s=3,
+                                                    reward_fn=reward_hangs_on_marker)
     elapsed = time.time() - t
     prepare.close_reward_workers()
     assert rewards == [0.0 if i == 5 else 1.0 for i in range(64)]
@@ -316,9 +318,9 @@ def test_score_responses_zeroes_and_counts_only_the_answer_that_hangs():
 def test_score_responses_survives_a_worker_that_dies():
     responses = [f"\\boxed{{{i}}}" for i in range(32)]
     responses[7] = "DIE"
-    rewards, timed_out = prepare.score_responses(responses, [str(i) for i in range(32)], num_workers=2,
-                                                 reward_fn=reward_dies_on_marker)
-    again, _ = prepare.score_responses(["\\boxed{2}"] * 4, ["2"] * 4, num_workers=2, reward_fn=reward_dies_on_marker)
+    rewards, _, timed_out = prepare.score_responses(responses, [str(i) for i in range(32)], num_workers=2,
+                                                    reward_fn=reward_dies_on_marker)
+    again, _, _ = prepare.score_responses(["\\boxed{2}"] * 4, ["2"] * 4, num_workers=2, reward_fn=reward_dies_on_marker)
     prepare.close_reward_workers()
     assert rewards == [0.0 if i == 7 else 1.0 for i in range(32)] and timed_out == 1
     assert again == [1.0] * 4                  # the dead worker was replaced
@@ -326,6 +328,7 @@ def test_score_responses_survives_a_worker_that_dies():
 
 def test_close_reward_workers_stops_the_worker_processes():
     import multiprocessing
+    prepare.close_reward_workers()             # an earlier test's workers would be reused, not started
     before = {p.pid for p in multiprocessing.active_children()}
     prepare.score_responses(["\\boxed{1}"] * 4, ["1"] * 4, num_workers=2)
     workers = {p.pid for p in multiprocessing.active_children()} - before
@@ -343,7 +346,147 @@ def test_a_process_that_scored_in_workers_exits_without_teardown_errors():
     p = run_script("-c", "import torch, prepare; "
                    "print(prepare.score_responses(['\\\\boxed{1}'] * 4, ['1'] * 4, num_workers=2))")
     assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert p.returncode == 0 and p.stdout.strip() == "([1.0, 1.0, 1.0, 1.0], 0)"
+    assert p.returncode == 0 and p.stdout.strip() == "([1.0, 1.0, 1.0, 1.0], [True, True, True, True], 0)"
+
+
+# ==============================================================================================
+# The reward plug-in: grpo.py --reward MODULE:FUNCTION
+# ==============================================================================================
+def reward_is_the_response(response, ground_truth, **extra):
+    """A reward whose score is written in the response: "1.1" scores 1.1. Module level, as the
+    workers import reward functions by name."""
+    return float(response)
+
+
+def reward_is_the_response_top_1_1(response, ground_truth, **extra):
+    return float(response)
+
+
+reward_is_the_response_top_1_1.top_score = 1.1
+
+
+def reward_is_the_response_and_right_above_half(response, ground_truth, **extra):
+    return float(response), float(response) > 0.5
+
+
+def reward_raises_on_marker(response, ground_truth, **extra):
+    if response == "RAISE":
+        return 1 / 0
+    return 1.0
+
+
+def reward_returns_none(response, ground_truth, **extra):
+    return None
+
+
+def test_reward_and_correct_takes_a_pair_as_given_and_a_float_as_right_at_the_top_score():
+    assert prepare.reward_and_correct(1.0) == (1.0, True)              # math_reward's right answer
+    assert prepare.reward_and_correct(0.0) == (0.0, False)
+    assert prepare.reward_and_correct(0.1) == (0.1, False)
+    assert prepare.reward_and_correct(1.1) == (1.1, True)
+    assert prepare.reward_and_correct((1.1, True)) == (1.1, True)
+    assert prepare.reward_and_correct((1.0, False)) == (1.0, False)    # the function's word, not the score's
+    assert prepare.reward_and_correct(1.0, top_score=1.1) == (1.0, False)
+    for bad in (None, "1", float("nan"), (1.0,), ("1", True)):
+        with pytest.raises(ValueError):
+            prepare.reward_and_correct(bad)
+
+
+def score_with(reward_fn, texts, num_workers=2):
+    """grpo.score on samples whose response decodes to `texts`, through the reward workers."""
+    import types
+    import grpo
+    args = types.SimpleNamespace(toy_token=None, reward_workers=num_workers, reward_fn=reward_fn)
+    tokenizer = types.SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["".join(t) for t in ids])
+    samples = [{"response_ids": [t], "truth": "1"} for t in texts]
+    assert grpo.score(samples, args, tokenizer) == 0
+    return samples
+
+
+@pytest.mark.parametrize("reward_fn,correct", [
+    (reward_is_the_response, [True, True, False]),                    # a float is right from top_score 1.0 on
+    (reward_is_the_response_top_1_1, [True, False, False]),           # ... or from the top_score it declares
+    (reward_is_the_response_and_right_above_half, [True, True, False]),   # a pair: the function says
+])
+def test_accuracy_is_the_share_the_reward_counts_right_not_the_share_scoring_one(reward_fn, correct):
+    import grpo
+    samples = score_with(reward_fn, ["1.1", "1.0", "0.1"])
+    assert [s["score"] for s in samples] == [1.1, 1.0, 0.1] and [s["correct"] for s in samples] == correct
+    assert grpo.share_correct(samples) == pytest.approx(sum(correct) / 3)        # 0.667 where two are right
+
+
+def test_gsm8k_reward_is_right_on_the_last_number_and_adds_a_tenth_for_a_box():
+    import gsm8k_reward
+    assert gsm8k_reward.reward("2 + 3 = 5, so \\boxed{1,005}.", "1005") == (1.1, True)
+    assert gsm8k_reward.reward("That makes 1,005 apples.", "1005") == (1.0, True)
+    assert gsm8k_reward.reward("\\boxed{1004}", "1005") == (0.1, False)
+    assert gsm8k_reward.reward("It is 1005, no: 7.", "1005") == (0.0, False)    # the last number counts
+    assert gsm8k_reward.reward("no number", "1005") == (0.0, False)
+    assert gsm8k_reward.reward("-2.50", "-2.5") == (1.0, True)
+
+
+def test_gsm8k_reward_in_the_readme_is_the_one_in_its_file():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("`\\boxed{}` earns 0.1 more:\n\n", 1)[1].split("\n\n", 1)[0]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    assert code.startswith("def reward(") and code in open(os.path.join(HERE, "gsm8k_reward.py")).read()
+
+
+def test_a_reward_plug_in_runs_in_the_workers_through_grpo_flags_and_score():
+    """--reward gsm8k_reward:reward as grpo.py resolves it, scored by grpo.score in worker processes."""
+    import grpo
+    args = grpo.parse_args(["--check-flags", "--reward", "gsm8k_reward:reward"])
+    samples = score_with(args.reward_fn, ["so \\boxed{1}", "it is 1.", "\\boxed{2}", "none"])
+    prepare.close_reward_workers()
+    assert [(s["score"], s["correct"]) for s in samples] == [(1.1, True), (1.0, True), (0.1, False), (0.0, False)]
+    assert grpo.share_correct(samples) == 0.5
+
+
+@pytest.mark.parametrize("reward_fn,words", [
+    (reward_raises_on_marker, ["test_grpo:reward_raises_on_marker raised ZeroDivisionError: division by zero"]),
+    (reward_returns_none, ["test_grpo:reward_returns_none returned None", "(float, bool)"]),
+])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_reward_that_raises_stops_the_scoring_with_one_line_naming_it(reward_fn, words, num_workers):
+    from convert import UserError
+    with pytest.raises(UserError) as e:
+        score_with(reward_fn, ["1", "RAISE", "1"], num_workers=num_workers)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    if num_workers:
+        assert prepare._WORKERS == []                     # stopped: no stale answer is scored later
+    assert [s["score"] for s in score_with(prepare.math_reward, ["\\boxed{1}"] * 3, num_workers)] == [1.0] * 3
+    prepare.close_reward_workers()
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("gsm8k_reward", ["'gsm8k_reward' is not MODULE:FUNCTION"]),
+    ("no_such_module:reward", ["cannot import no_such_module", "No module named 'no_such_module'"]),
+    ("gsm8k_reward:no_such_function", ["gsm8k_reward", "has no function no_such_function"]),
+    ("prepare:INSTRUCTION", ["prepare.INSTRUCTION is a str, not a function"]),
+])
+def test_a_bad_reward_flag_is_one_line_from_check_flags(spec, words):
+    assert_one_line_error(run_script("grpo.py", "--check-flags", "--reward", spec), "--reward", spec, *words)
+
+
+def test_reward_modules_are_found_by_name_and_refused_when_the_workers_could_not_call_them(tmp_path, monkeypatch):
+    import grpo
+    from convert import UserError
+    (tmp_path / "my_rewards.py").write_text(
+        "def two_args(response, ground_truth):\n    return 1.0\n"
+        "lam = lambda response, ground_truth, **extra: 1.0\n"
+        "def ok(response, ground_truth, **extra):\n    return 1.0\n"
+        "def odd_top(response, ground_truth, **extra):\n    return 1.0\n"
+        "odd_top.top_score = 'high'\n")
+    monkeypatch.setattr(sys, "path", sys.path[:])         # load_reward adds the current folder
+    monkeypatch.chdir(tmp_path)                           # found from the current folder, as documented
+    assert grpo.load_reward("my_rewards:ok").__name__ == "ok"
+    for spec, words in (("my_rewards.py:ok", "name the module, not its file (my_rewards:ok)"),
+                        ("my_rewards:two_args", "cannot be called as two_args(response, ground_truth, timeout_s=...)"),
+                        ("my_rewards:lam", "the reward workers cannot import it by name"),
+                        ("my_rewards:odd_top", "odd_top.top_score is 'high', not a number")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            grpo.load_reward(spec)
+    sys.modules.pop("my_rewards", None)
 
 
 # ==============================================================================================
