@@ -24,7 +24,11 @@ Environment variables (default in brackets):
                   Qwen2-shaped model already in MODEL_DIR; nothing downloaded)  [7B]
   MODEL_DIR       HF checkpoint folder (downloaded if it has no config.json) [Qwen2.5-$MODEL_SIZE-Instruct]
   MODEL_ID        modelscope id to download                                 [Qwen/Qwen2.5-$MODEL_SIZE-Instruct]
-  DATA_DIR        MATH-lighteval folder; train.json/test.json are written here [dataset/MATH-lighteval]
+  DATA_DIR        prompt set folder: its train.json/test.json are used as they are;
+                  without them, MATH-lighteval is downloaded (into an empty or
+                  missing folder) and preprocessed there     [dataset/MATH-lighteval]
+  REWARD          the task's reward for grpo.py --reward, MODULE:FUNCTION
+                  (README: Your own task)                    [prepare:math_reward]
   CKPT_DIR        where mcore/ (converted), grpo/ (run) and hf/ (export) go  [ckpts/Qwen2.5-$MODEL_SIZE]
   GPUS_PER_NODE   processes (GPUs) per node                                  [8]
   TP              tensor parallel size       [1 for <=3B, 2 for 7B, 4 for 14B, 8 for 32B/72B]
@@ -81,6 +85,7 @@ esac
 MODEL_DIR=${MODEL_DIR:-Qwen2.5-$MODEL_SIZE-Instruct}
 MODEL_ID=${MODEL_ID:-Qwen/Qwen2.5-$MODEL_SIZE-Instruct}
 DATA_DIR=${DATA_DIR:-dataset/MATH-lighteval}
+REWARD=${REWARD:-prepare:math_reward}
 CKPT_DIR=${CKPT_DIR:-ckpts/Qwen2.5-$MODEL_SIZE}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TP=${TP:-$tp_default}
@@ -108,7 +113,7 @@ conv_pp=$PP
 dry_run=0; on DRY_RUN && dry_run=1
 wandb_on=0; on enable_wandb && wandb_on=1
 
-echo "settings: MODEL_SIZE=$MODEL_SIZE MODEL_DIR=$MODEL_DIR DATA_DIR=$DATA_DIR CKPT_DIR=$CKPT_DIR"
+echo "settings: MODEL_SIZE=$MODEL_SIZE MODEL_DIR=$MODEL_DIR DATA_DIR=$DATA_DIR REWARD=$REWARD CKPT_DIR=$CKPT_DIR"
 echo "          GPUS_PER_NODE=$GPUS_PER_NODE NNODES=$NNODES NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT TP=$TP PP=$PP"
 echo "          enable_wandb=$enable_wandb wandb_project=$wandb_project WANDB_API_KEY=$([[ -n ${WANDB_API_KEY:-} ]] && echo set || echo unset)"
 echo "          grpo.py extra flags: ${extra[*]:-(none)}"
@@ -137,7 +142,7 @@ convert_cmd=(python convert.py)
 
 wandb_args=()
 (( wandb_on )) && wandb_args=(--wandb-project "$wandb_project")
-grpo_flags=(--load "$MCORE" --hf-dir "$MODEL_DIR" --data "$DATA_DIR" --out "$OUT" --model-size "$MODEL_SIZE"
+grpo_flags=(--load "$MCORE" --hf-dir "$MODEL_DIR" --data "$DATA_DIR" --reward "$REWARD" --out "$OUT" --model-size "$MODEL_SIZE"
             --tp "$TP" --pp "$PP" "${wandb_args[@]}" "${extra[@]}")
 
 # 0. grpo.py's flags, now: a typo would otherwise surface in step 4, after the downloads and the
@@ -152,6 +157,10 @@ if (( NODE_RANK == 0 )); then
   else
     if compgen -G "$DATA_DIR/data/train-*.parquet" >/dev/null; then
       skip "MATH-lighteval parquet files are in $DATA_DIR/data"
+    elif compgen -G "$DATA_DIR/*" >/dev/null && [[ ! -d $DATA_DIR/data ]]; then
+      # Another data set (GSM8K's main/, a lone train.json): MATH-lighteval downloaded on top of it
+      # would train on MATH while the user thinks it is their data.
+      die "DATA_DIR=$DATA_DIR holds neither train.json + test.json nor MATH-lighteval's data/train-*.parquet; write the prompt set there with prepare.py and its layout flags (README: Your own task), or use an empty DATA_DIR for MATH-lighteval"
     else
       run python prepare.py download --local_dir "$DATA_DIR"
     fi

@@ -1869,7 +1869,7 @@ def trainstep_main(argv):
 def run_sh_env(env=None):
     """This process's environment without run.sh's settings, plus `env`."""
     e = {k: v for k, v in os.environ.items()
-         if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb", "DRY_RUN", "MASTER_PORT")}
+         if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb", "DRY_RUN", "MASTER_PORT", "REWARD")}
     e.update(env or {})
     return e
 
@@ -1883,7 +1883,7 @@ def test_run_sh_help_documents_every_variable():
     p = run_sh("--help")
     assert p.returncode == 0
     for var in ("MODEL_SIZE", "MODEL_DIR", "DATA_DIR", "CKPT_DIR", "GPUS_PER_NODE", "TP", "PP", "NNODES",
-                "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "enable_wandb", "wandb_project", "WANDB_API_KEY"):
+                "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "enable_wandb", "wandb_project", "WANDB_API_KEY", "REWARD"):
         assert f"  {var} " in p.stdout, var
 
 
@@ -2005,6 +2005,38 @@ def test_run_sh_stops_at_prompts_that_do_not_divide_over_the_gpus_before_step_1(
     p = run_sh("--prompts-per-step", "12", env=dict(env, GPUS_PER_NODE="8"))
     assert_one_line_error(p, "--prompts-per-step 12", "multiple of 8")
     assert not os.path.exists(os.path.join(env["DATA_DIR"], "train.json"))
+
+
+def test_run_sh_passes_reward_to_grpo_and_its_flag_check(tmp_path):
+    p = run_sh("--dry-run", env={"REWARD": "gsm8k_reward:reward", "CKPT_DIR": str(tmp_path / "ck"),
+                                 "DATA_DIR": str(tmp_path / "data")})
+    assert p.returncode == 0, p.stderr
+    grpo_cmds = [line for line in p.stdout.splitlines() if line.startswith("+ ") and "grpo.py" in line]
+    assert len(grpo_cmds) == 2 and all("--reward gsm8k_reward:reward " in c for c in grpo_cmds)
+    assert "REWARD=gsm8k_reward:reward" in p.stdout.splitlines()[0]
+    assert "--reward prepare:math_reward " in run_sh("--dry-run", env={"CKPT_DIR": str(tmp_path / "ck")}).stdout
+
+
+def test_run_sh_stops_at_a_bad_reward_before_step_1(math_dir, tmp_path):
+    env = done_steps_1_and_2(tmp_path)
+    shutil.rmtree(env["DATA_DIR"])
+    shutil.copytree(math_dir, env["DATA_DIR"])         # parquet only: step 1 would write train.json
+    p = run_sh(env=dict(env, REWARD="gsm8k_reward:no_such_function"))
+    assert_one_line_error(p, "--reward gsm8k_reward:no_such_function", "has no function no_such_function")
+    assert not os.path.exists(os.path.join(env["DATA_DIR"], "train.json"))
+
+
+@pytest.mark.parametrize("layout", [["main/train-00000-of-00001.parquet", "main/test-00000-of-00001.parquet"],
+                                    ["train.json"]])
+def test_run_sh_stops_on_a_data_dir_it_does_not_recognise_instead_of_downloading_into_it(tmp_path, layout):
+    data = tmp_path / "gsm8k"
+    for f in layout:
+        (data / f).parent.mkdir(parents=True, exist_ok=True)
+        (data / f).write_text("")
+    p = run_sh("--dry-run", env={"DATA_DIR": str(data), "CKPT_DIR": str(tmp_path / "ck")})
+    assert_one_line_error(p, f"DATA_DIR={data} holds neither train.json + test.json", "prepare.py")
+    assert "prepare.py download " not in p.stdout
+    assert sorted(str(f.relative_to(data)) for f in data.rglob("*") if f.is_file()) == sorted(layout)
 
 
 def test_ci_runs_the_readme_test_command():
