@@ -249,19 +249,21 @@ def logp_diff_verdict(diffs, warn, stop, first_steps=3):
     return "warn" if diffs and diffs[-1] > warn else "ok"
 
 
-def rollout_seed(seed, step, engine, stream=0, index=0):
-    """The sampling seed of one request: prompt `index` of one engine's share in one step
-    (stream 0: evaluation, 1 + k: the k-th rollout round; other numbers for other draws, e.g.
-    the mini-batch shuffle). 62 bits: vLLM keeps seeds as int64 and seeds sample j of a request
-    with seed + j.
+def rollout_seed(seed, step, stream=0, index=0):
+    """The sampling seed of one request: prompt `index` of a step's batch (its place among the
+    prompts of that round, whichever engine answers it), in `stream` (0: evaluation, 1 + k: the
+    k-th rollout round; other numbers for other draws, e.g. the mini-batch shuffle). 62 bits:
+    vLLM keeps seeds as int64 and seeds sample j of a request with seed + j.
 
     vLLM's sampler draws each request's noise from the request's own seed; a request without one
     gets a seed from numpy's global stream, which the engine seeds only when it starts. Seeding
-    every request from (seed, step, engine, stream, index) makes each step's samples a function
-    of the step alone: a run resumed after step k draws in step k+1 exactly what it would have
-    drawn without the interruption (and preempted requests redraw the same tokens). Different
-    engines get different seeds, or all data-parallel groups would sample the same texts."""
-    digest = hashlib.sha256(f"{seed}/{step}/{engine}/{stream}/{index}".encode()).digest()
+    every request from (seed, step, stream, index) makes each step's samples a function of the
+    step alone: a run resumed after step k draws in step k+1 exactly what it would have drawn
+    without the interruption (and preempted requests redraw the same tokens), and any layout
+    (TP, PP, DP: how many engines share the prompts) draws the same samples for the same prompt,
+    up to the kernels' numerics. Different prompts get different seeds, so two engines never
+    sample the same texts."""
+    digest = hashlib.sha256(f"{seed}/{step}/{stream}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
@@ -348,6 +350,40 @@ def mini_batch_rows(num_rows, num_mini_batches, rng):
 # ==============================================================================================
 # Megatron: model, optimizer, log-probs, one update
 # ==============================================================================================
+def megatron_training_on_cpu():
+    """Let megatron-core 0.16.1 train with every tensor in CPU memory (--device cpu, and the tests).
+
+    convert.megatron_on_cpu() covers building, loading and saving; training needs three things
+    more, each pointed at the CPU here, process-wide: the pipeline schedules and the optimizers
+    allocate their flags with torch.zeros / tensor / empty / ones(..., device="cuda"); the
+    mixed-precision and distributed optimizers accept only params whose type() names a
+    torch.cuda tensor type; and Megatron's RNG tracker would seed CUDA generators (the inference
+    tracker needs none; our models have no dropout).
+    """
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    convert.megatron_on_cpu()
+    for fn in ("zeros", "tensor", "empty", "ones"):
+        def on_cpu(*a, _f=getattr(torch, fn), **k):
+            if str(k.get("device", "")).startswith("cuda"):
+                k["device"] = "cpu"
+            return _f(*a, **k)
+        setattr(torch, fn, on_cpu)
+    cpu_type = torch.Tensor.type
+
+    def cuda_type_name(self, *a, **k):
+        r = cpu_type(self, *a, **k)
+        return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
+    torch.Tensor.type = cuda_type_name
+    initialize_rng_tracker(inference_rng_tracker=True)
+
+
+# The memory flags on the CPU, where no plan picks them: the fastest settings (a GPU with room to
+# spare gets the same from the plan). The others (--adam-moments host, bf16 gradients) only save
+# GPU memory.
+CPU_MEMORY_SETTINGS = {"micro_batch_tokens": 8192, "logits_chunk_tokens": 0, "recompute": "none",
+                       "grad_reduce_dtype": "fp32", "adam_moments": "gpu"}
+
+
 def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
     """Policy (DDP-wrapped GPTModel, loaded from args.load) and Megatron's (distributed) Adam.
 
@@ -731,6 +767,12 @@ def pinned_empty(shape, dtype):
     return t
 
 
+def on_gpu(model):
+    """Whether the model's tensors are on a GPU: on the CPU there is no memory to hand over, and
+    the offload / restore / park / fetch below return at once."""
+    return next(model.parameters()).is_cuda
+
+
 def offload_trainer(model, optimizer):
     """Grads freed, optimizer state to CPU; the bf16 params stay (vLLM's weights come from them).
 
@@ -738,6 +780,8 @@ def offload_trainer(model, optimizer):
     memory, every step. Here every tensor gets one pinned host buffer, allocated once and
     reused, which PCIe fills at full speed; the tensor objects stay the same (only .data
     moves), so the optimizer never notices."""
+    if not on_gpu(model):
+        return
     optimizer.zero_grad()                        # the fp32 gradient copies of bf16 grad buffers
     model.offload_grad_buffers()                 # grads are recomputed: free, do not copy
     offload_optimizer(optimizer)
@@ -762,7 +806,8 @@ def offload_optimizer(optimizer):
 
 
 def restore_grads(model):
-    model.restore_grad_buffers()                 # reallocates, zeroes and synchronizes
+    if on_gpu(model):
+        model.restore_grad_buffers()                 # reallocates, zeroes and synchronizes
 
 
 def restore_optimizer(optimizer):
@@ -775,6 +820,8 @@ def park_reference(ref):
     """Move the frozen reference model to pinned host memory between its uses (it is needed once
     every --kl-log-interval steps, or once per step with --kl-coef > 0, and would otherwise hold
     2 bytes per parameter of GPU memory through every rollout)."""
+    if not on_gpu(ref):
+        return
     for p in ref.parameters():
         if p.is_cuda and getattr(p, "_pinned_cpu", None) is None:     # frozen: copied out once
             p._pinned_cpu = pinned_empty(p.shape, p.dtype)
@@ -786,7 +833,7 @@ def park_reference(ref):
 
 def fetch_reference(ref):
     for p in ref.parameters():
-        if not p.is_cuda:
+        if not p.is_cuda and getattr(p, "_pinned_cpu", None) is not None:   # parked (never on the CPU)
             p.data = p.data.to("cuda", non_blocking=True)
 
 
@@ -882,7 +929,11 @@ def load_checkpoint(path, model, optimizer):
                                           step=torch.tensor(0.0))
     state = dist_checkpointing.load(_train_state_dict(model, optimizer, is_loading=True), path)
     model.module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into the optimizer's main
+    # params without it; with fp32 weights (--device cpu) the main params are the model's own
+    # leaf params, which autograd refuses to change in place.
+    with torch.no_grad():
+        optimizer.load_state_dict(state["optimizer"])
     # ...and then its parameter-state load puts back the "step" of that zero state (0), which
     # would restart Adam's bias correction. The saved step is in the loaded param groups.
     for inner in _torch_optimizers(optimizer):
@@ -965,52 +1016,8 @@ def start_wandb(args, cfg, resume_step):
 
 
 # ==============================================================================================
-# vLLM: the colocated engine
+# Phases: names for --trace and for the out-of-memory hint
 # ==============================================================================================
-# vLLM samples top-k / top-p requests (our evaluation: T 0.6, top-p 0.95, top-k 20) with
-# FlashInfer's kernels, which this vLLM build compiles with nvcc on their first use, in the middle
-# of a run: that was the slow first evaluation. vLLM's own top-k / top-p (Triton, compiled during
-# its warm-up) samples the same distribution. Training rollouts (top-p 1, top-k -1) use neither.
-os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-
-
-def cudagraph_sizes(max_num_seqs):
-    """The decode batch sizes vLLM captures CUDA graphs for. vLLM's default list for up to 1024
-    sequences has 83 sizes, each captured twice (piecewise and full graphs): that capture is most
-    of an engine's start-up. Powers of two, then steps of 128, pad a batch by at most 128
-    sequences; a rollout keeps its batch full for most of its steps anyway."""
-    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s < max_num_seqs]
-    sizes += list(range(256, max_num_seqs, 128)) + [max_num_seqs]
-    return sorted(set(sizes))
-
-
-def create_engine(args, cfg, gpu_memory_utilization):
-    """One vLLM engine per rank, sharing torchrun's process group (external_launcher).
-
-    load_format="dummy": vLLM allocates random weights and never reads the checkpoint; the first
-    weight sync fills them from Megatron, so both engines provably run the same weights.
-    Each data-parallel group gets its own seed (see rollout_seed for the seeds that count).
-    """
-    from vllm import LLM
-    return LLM(
-        model=args.hf_dir, tensor_parallel_size=args.tp, distributed_executor_backend="external_launcher",
-        enable_sleep_mode=True, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=args.max_len,
-        seed=args.seed + dist.get_rank() // args.tp, enable_prefix_caching=True,
-        # log-probs after temperature, comparable with the trainer's logits / T
-        logprobs_mode="processed_logprobs", max_num_seqs=args.max_num_seqs,
-        # the benchmark reads vLLM's counters (preemptions); a training run skips their cost
-        disable_log_stats=not args.benchmark,
-        # With TP > 1 vLLM fuses all-reduce + RMSNorm through FlashInfer's MNNVL all-reduce, and
-        # its custom all-reduce maps peer memory over CUDA IPC. Both need NVLink features that
-        # shared hosts often switch off (seen: CUBLAS_STATUS_INTERNAL_ERROR, then an illegal
-        # memory access, at engine start on 2 x H200). NCCL alone is enough for rollouts.
-        disable_custom_all_reduce=True,
-        compilation_config={"pass_config": {"fuse_allreduce_rms": False},
-                            "cudagraph_capture_sizes": cudagraph_sizes(args.max_num_seqs),
-                            "max_cudagraph_capture_size": args.max_num_seqs})
-
-
 # The knobs that lower each phase's GPU memory, for the one-line out-of-memory hint.
 MEMORY_KNOBS = {
     "start vLLM": "lower --gpu-memory-utilization or --max-num-seqs, or use a larger --tp",
@@ -1040,46 +1047,6 @@ def out_of_memory_hint(e, phase):
         knobs = MEMORY_KNOBS.get(phase, "see the memory plan printed at start")
         return UserError(f"GPU out of memory in phase '{phase}'; {knobs} ({text.splitlines()[0][:160]})")
     return None
-
-
-def vllm_model(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-
-
-def sync_weights(model, llm, cfg):
-    """Megatron -> vLLM, one full tensor at a time (convert.export_hf gathers TP shards and PP
-    stages and splits fused qkv / gate-up back to HF names; vLLM's Qwen2 loader re-fuses and
-    re-shards them its own way). load_weights copies into the existing bf16 tensors in place,
-    so vLLM's CUDA graphs stay valid."""
-    vllm_model(llm).load_weights(convert.export_hf(model.module, cfg))
-    # Cached prefixes were computed with the old weights: reusing them would be silently wrong.
-    llm.reset_prefix_cache()
-
-
-def generate(llm, prompts, sampling_params):
-    """prompts: list of token-id lists; sampling_params: one for all, or one per prompt
-    -> per prompt, the list of its n samples (response token ids, per-token logprobs or None,
-    finish reason)."""
-    from vllm.inputs import TokensPrompt
-    if not prompts:
-        return []
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling_params, use_tqdm=False)
-    result = []
-    for o in outs:
-        samples = []
-        for c in o.outputs:
-            lps = [next(iter(lp.values())).logprob if lp else 0.0 for lp in c.logprobs] if c.logprobs else None
-            samples.append((list(c.token_ids), lps, c.finish_reason))
-        result.append(samples)
-    return result
-
-
-def vllm_counter(llm, name):
-    """A cumulative vLLM counter (e.g. "vllm:num_preemptions"), or None without log stats."""
-    try:
-        return sum(m.value for m in llm.get_metrics() if m.name == name)
-    except Exception:
-        return None
 
 
 # ==============================================================================================
@@ -1452,15 +1419,19 @@ def parse_args(argv):
     g.add_argument("--host-gib", type=float, default=None,
                    help="host memory per node to plan for (default: this machine's; --memory-plan: not checked)")
     g = p.add_argument_group("parallelism and engine")
+    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: the same loop without GPUs (gloo, fp32, a plain PyTorch engine instead of vLLM; slow, "
+                        "for learning and tests; see start_device)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 10%% of "
                         "the GPU and what grows beside vLLM after the first update; see vllm_reserve)")
-    g.add_argument("--sleep-level", type=int, default=2, choices=(1, 2),
-                   help="vLLM sleep between rollouts: 2 drops its weights (the sync rewrites them anyway), "
-                        "1 keeps a copy in host memory")
-    g.add_argument("--max-num-seqs", type=int, default=1024, help="vLLM's batch of concurrent sequences")
+    g.add_argument("--sleep-level", type=int, default=None, choices=(1, 2),
+                   help="vLLM sleep between rollouts: 2 (default) drops its weights (the sync rewrites them "
+                        "anyway), 1 keeps a copy in host memory")
+    g.add_argument("--max-num-seqs", type=int, default=1024,
+                   help="the engine's batch of concurrent sequences (vLLM, or the CPU engine's rows at once)")
     g.add_argument("--reward-workers", type=int, default=4, help="processes running the reward per engine")
     g = p.add_argument_group("checks, eval and logging")
     g.add_argument("--logp-diff-warn", type=float, default=0.1,
@@ -1513,8 +1484,26 @@ def parse_args(argv):
     return a
 
 
+def check_device_flags(a):
+    """--device cpu refuses, in one line, the flags that only size or move GPU memory: on the CPU
+    they would do nothing, and a user who sets one expects it to act."""
+    if a.device == "cpu" and not a.memory_plan:
+        given = {"--gpu-memory-utilization": a.gpu_memory_utilization is not None,
+                 "--sleep-level": a.sleep_level is not None, "--gpu-gib": a.gpu_gib is not None,
+                 "--host-gib": a.host_gib is not None, "--ref-on-gpu": a.ref_on_gpu,
+                 "--adam-moments host": a.adam_moments == "host", "--grad-reduce-dtype bf16": a.grad_reduce_dtype == "bf16",
+                 "--benchmark": a.benchmark is not None}
+        for flag, on in given.items():
+            if on:
+                raise UserError(f"{flag} sizes or moves GPU memory (or times GPUs) and has no meaning with --device cpu; "
+                                "leave it out")
+    if a.sleep_level is None:
+        a.sleep_level = 2
+
+
 def check_values(a):
     """The flag checks that need no file and no GPU (also what --check-flags runs)."""
+    check_device_flags(a)
     a.clip_ratio_low = a.clip_ratio if a.clip_ratio_low is None else a.clip_ratio_low
     a.clip_ratio_high = a.clip_ratio if a.clip_ratio_high is None else a.clip_ratio_high
     positive = {"--steps": a.steps, "--prompts-per-step": a.prompts_per_step, "--max-len": a.max_len,
@@ -1560,6 +1549,249 @@ def check_values(a):
             raise UserError(f"{world} GPUs cannot be split into TP={a.tp} x PP={a.pp} groups")
         if not a.benchmark:
             rollout_layout(a.prompts_per_step, world, a.tp, a.pp)
+
+
+# ==============================================================================================
+# The rollout engine: the five calls the loop makes
+# ==============================================================================================
+# The loop never touches vLLM directly. It asks its engine for five things:
+#
+#   engine.generate(prompts, requests)   prompts: token-id lists; requests: one dict per prompt,
+#                                        vLLM's SamplingParams fields (`sampling_request`)
+#                                        -> per prompt, its n samples: (token ids, log-prob of
+#                                        each sampled token or None, "stop" | "length")
+#   engine.load_weights(named_tensors)   (HF name, full tensor) pairs, as convert.export_hf
+#                                        yields them; copied into the engine's weights in place
+#   engine.sleep(level)                  hand the engine's GPU memory to the trainer ...
+#   engine.wake_up(tags)                 ... and take it back ("weights", then "kv_cache")
+#   engine.reset_prefix_cache()          forget prompt prefixes computed with older weights
+#
+# `VLLMEngine` is the one GPU users run; `TorchEngine` answers the same calls with a plain
+# PyTorch model on the CPU, so that the whole loop runs where vLLM cannot (CI, a laptop):
+# `grpo.py --device cpu`.
+
+# vLLM samples top-k / top-p requests (our evaluation: T 0.6, top-p 0.95, top-k 20) with
+# FlashInfer's kernels, which this vLLM build compiles with nvcc on their first use, in the middle
+# of a run: that was the slow first evaluation. vLLM's own top-k / top-p (Triton, compiled during
+# its warm-up) samples the same distribution. Training rollouts (top-p 1, top-k -1) use neither.
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def sampling_request(n, temperature, max_tokens, stop_token_ids, logprobs=None, top_p=1.0, top_k=-1, seed=None,
+                     ignore_eos=False):
+    """One prompt's request, as the fields of vLLM's SamplingParams (the CPU engine reads the same).
+
+    Training rollouts sample with top_p 1 and top_k -1: truncation would renormalise the
+    distribution, and the samples would no longer come from the policy the loss assumes.
+    logprobs=0 asks for the log-prob of each sampled token (after temperature; see VLLMEngine);
+    None asks for none. seed: sample j of the request is drawn with seed + j."""
+    return dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                logprobs=logprobs, stop_token_ids=list(stop_token_ids) or None, seed=seed, ignore_eos=ignore_eos)
+
+
+def cudagraph_sizes(max_num_seqs):
+    """The decode batch sizes vLLM captures CUDA graphs for. vLLM's default list for up to 1024
+    sequences has 83 sizes, each captured twice (piecewise and full graphs): that capture is most
+    of an engine's start-up. Powers of two, then steps of 128, pad a batch by at most 128
+    sequences; a rollout keeps its batch full for most of its steps anyway."""
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s < max_num_seqs]
+    sizes += list(range(256, max_num_seqs, 128)) + [max_num_seqs]
+    return sorted(set(sizes))
+
+
+class VLLMEngine:
+    """vLLM colocated in this rank: one engine per TP group, sharing torchrun's process group
+    (external_launcher); the ranks of a TP group submit identical requests and get identical
+    samples.
+
+    load_format="dummy": vLLM allocates random weights and never reads the checkpoint; the first
+    weight sync fills them from Megatron, so both engines provably run the same weights. Every
+    request carries its own seed (rollout_seed), so the engine-wide seed decides nothing.
+    """
+
+    def __init__(self, args, cfg, gpu_memory_utilization):
+        from vllm import LLM
+        self.llm = LLM(
+            model=args.hf_dir, tensor_parallel_size=args.tp, distributed_executor_backend="external_launcher",
+            enable_sleep_mode=True, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=args.max_len,
+            seed=args.seed + dist.get_rank() // args.tp, enable_prefix_caching=True,
+            # log-probs after temperature, comparable with the trainer's logits / T
+            logprobs_mode="processed_logprobs", max_num_seqs=args.max_num_seqs,
+            # the benchmark reads vLLM's counters (preemptions); a training run skips their cost
+            disable_log_stats=not args.benchmark,
+            # With TP > 1 vLLM fuses all-reduce + RMSNorm through FlashInfer's MNNVL all-reduce, and
+            # its custom all-reduce maps peer memory over CUDA IPC. Both need NVLink features that
+            # shared hosts often switch off (seen: CUBLAS_STATUS_INTERNAL_ERROR, then an illegal
+            # memory access, at engine start on 2 x H200). NCCL alone is enough for rollouts.
+            disable_custom_all_reduce=True,
+            compilation_config={"pass_config": {"fuse_allreduce_rms": False},
+                                "cudagraph_capture_sizes": cudagraph_sizes(args.max_num_seqs),
+                                "max_cudagraph_capture_size": args.max_num_seqs})
+
+    def generate(self, prompts, requests):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        if not prompts:
+            return []
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                 [SamplingParams(**r) for r in requests], use_tqdm=False)
+        return [[(list(c.token_ids),
+                  [next(iter(lp.values())).logprob if lp else 0.0 for lp in c.logprobs] if c.logprobs else None,
+                  c.finish_reason) for c in o.outputs] for o in outs]
+
+    def load_weights(self, named_tensors):
+        # vLLM's Qwen2 loader re-fuses qkv / gate-up and re-shards them its own way, copying into
+        # the existing bf16 tensors in place, so its CUDA graphs stay valid.
+        self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights(named_tensors)
+
+    def sleep(self, level):
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags):
+        self.llm.wake_up(tags=tags)
+
+    def reset_prefix_cache(self):
+        self.llm.reset_prefix_cache()
+
+    def counter(self, name):
+        """A cumulative vLLM counter (e.g. "vllm:num_preemptions"), or None without log stats."""
+        try:
+            return sum(m.value for m in self.llm.get_metrics() if m.name == name)
+        except Exception:
+            return None
+
+
+class TorchEngine:
+    """The same five calls on a transformers Qwen2 in fp32, for machines without a GPU. This is
+    what vLLM does for us, written out (without its paged KV cache, continuous batching and
+    CUDA graphs, which are what make vLLM fast):
+
+    - every sample of every prompt is a row; up to --max-num-seqs rows decode together, prompts
+      left-padded so that every row's next token sits in the last column;
+    - prefill: one forward over the prompts fills the KV cache; decode: one forward per new
+      token, each feeding only the newest token and reading the rest from the cache;
+    - each row draws its tokens with its own generator, seeded seed + j for sample j as vLLM
+      does, so a sample depends on its request alone, never on its batch-mates;
+    - a row ends at a stop token (kept in its output, as vLLM keeps it) or at max_tokens.
+
+    It starts with random weights, as vLLM's load_format="dummy"; the first weight sync fills
+    them. The trainer on the CPU is fp32 too, so both sides compute the same model and their
+    log-probs of the sampled tokens agree to float rounding: the weight sync is checked exactly.
+    There is no GPU memory to hand over: sleep and wake_up do nothing, and there is no prefix
+    cache to reset.
+    """
+
+    def __init__(self, hf_dir, max_num_seqs, seed):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir)).float().eval()
+        # vLLM stops at the generation config's eos ids too (unless ignore_eos), not only at the
+        # request's stop_token_ids.
+        gen = os.path.join(hf_dir, "generation_config.json")
+        eos = json.load(open(gen)).get("eos_token_id") if os.path.isfile(gen) else None
+        self.eos = set([eos] if isinstance(eos, int) else eos or [])
+        self.max_num_seqs = max_num_seqs
+        self.unseeded = torch.Generator().manual_seed(seed)     # for requests without a seed
+
+    def load_weights(self, named_tensors):
+        params = self.model.state_dict()                # a tied lm_head shares embed_tokens' tensor
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                params[name].copy_(tensor)
+
+    def sleep(self, level):
+        pass
+
+    def wake_up(self, tags):
+        pass
+
+    def reset_prefix_cache(self):
+        pass
+
+    def counter(self, name):
+        return None
+
+    def generate(self, prompts, requests):
+        rows = [(k, j) for k, r in enumerate(requests) for j in range(r["n"])]
+        out = [[None] * r["n"] for r in requests]
+        for i in range(0, len(rows), self.max_num_seqs):
+            part = rows[i:i + self.max_num_seqs]
+            for (k, j), sample in zip(part, self._decode([prompts[k] for k, _ in part], [requests[k] for k, _ in part],
+                                                         [j for _, j in part])):
+                out[k][j] = sample
+        return out
+
+    @torch.no_grad()
+    def _decode(self, prompts, requests, sample_index):
+        from transformers import DynamicCache
+        B, P = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts])            # [B, P] left-padded
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+        position = (mask.cumsum(1) - 1).clamp(min=0)                                     # 0 at each prompt's start
+        gens = [torch.Generator().manual_seed(r["seed"] + j) if r["seed"] is not None else self.unseeded
+                for r, j in zip(requests, sample_index)]
+        stops = [set(r["stop_token_ids"] or []) | (set() if r["ignore_eos"] else self.eos) for r in requests]
+        samples = [([], [] if r["logprobs"] is not None else None, None) for r in requests]
+        cache = DynamicCache()
+        for t in range(max(r["max_tokens"] for r in requests)):
+            # the cache is passed by position: transformers renamed its keyword (past_key_values ->
+            # cache) between the 5.x releases this project accepts
+            logits = self.model(tokens, mask, position, cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            for b, (r, (ids, logps, finish)) in enumerate(zip(requests, samples)):
+                if finish is not None:
+                    continue
+                token, logp = sample_token(logits[b].float(), r, gens[b])
+                ids.append(token)
+                if logps is not None:
+                    logps.append(logp)
+                if token in stops[b] or len(ids) == r["max_tokens"]:
+                    samples[b] = (ids, logps, "stop" if token in stops[b] else "length")
+            if all(s[2] is not None for s in samples):
+                break
+            tokens = torch.tensor([[s[0][-1]] for s in samples])                        # [B, 1] the newest token
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+            position = position[:, -1:] + 1
+        return samples
+
+
+def sample_token(logits, request, generator):
+    """One token from one row's next-token logits [V], as vLLM's sampler draws it: temperature,
+    then top-k, then top-p (nucleus) on what is left, then a draw from the renormalised
+    distribution (temperature 0: the most likely token). Returns (token, its log-prob under the
+    distribution it was drawn from: vLLM's processed_logprobs).
+    Example: logits [2, 1, 0], top_k 2 -> the draw is between tokens 0 and 1, p = [0.73, 0.27]."""
+    if request["temperature"] == 0:
+        token = int(logits.argmax())
+        return token, float(torch.log_softmax(logits, -1)[token])
+    z = logits / request["temperature"]
+    if 0 < request["top_k"] < z.numel():
+        z = z.masked_fill(z < torch.topk(z, request["top_k"]).values[-1], float("-inf"))
+    if request["top_p"] < 1:
+        p, order = torch.softmax(z, -1).sort(descending=True)
+        drop = p.cumsum(-1) - p >= request["top_p"]            # past the nucleus (never the first)
+        z = z.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    logp = torch.log_softmax(z, -1)
+    token = int(torch.multinomial(logp.exp(), 1, generator=generator))
+    return token, float(logp[token])
+
+
+def create_engine(args, cfg):
+    """The rollout engine of this rank: vLLM on GPUs, sized from what the GPU has free now (the
+    trainer's state is in host memory at this point); TorchEngine with --device cpu."""
+    if args.device == "cpu":
+        return TorchEngine(args.hf_dir, args.max_num_seqs, args.seed)
+    free, total = torch.cuda.mem_get_info()
+    util = args.gpu_memory_utilization or max(0.05, (free - vllm_reserve(total)) / total)
+    log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
+    return VLLMEngine(args, cfg, util)
+
+
+def sync_weights(model, engine, cfg):
+    """Megatron -> engine, one full tensor at a time: convert.export_hf gathers TP shards and PP
+    stages and splits fused qkv / gate-up back to HF names."""
+    engine.load_weights(convert.export_hf(model.module, cfg))
+    # Cached prefixes were computed with the old weights: reusing them would be silently wrong.
+    engine.reset_prefix_cache()
 
 
 # ==============================================================================================
@@ -1716,18 +1948,20 @@ def rollout_requests(prompts, args, rnd):
 def rollout_round(ctx, prompts, step, rnd, times):
     """Phase 1, one round: this engine generates its share of `prompts` and scores it; every rank
     gets every engine's samples back (TP and PP peers of a DP rank must train on identical rows,
-    and PP stages rolled out different prompts). Samples of one prompt stay contiguous."""
-    args, engine, engines = ctx["args"], ctx["engine"], ctx["engines"]
-    mine = prompts[engine::engines]
-    params = [ctx["sampling"](*request, seed=rollout_seed(args.seed, step, engine, 1 + rnd, i))
-              for i, request in enumerate(rollout_requests([p for p, _ in mine], args, rnd))]
+    and PP stages rolled out different prompts), in the order of `prompts` whatever the number
+    of engines, with the samples of one prompt contiguous."""
+    args, engine = ctx["args"], ctx["engine"]
+    places = range(ctx["engine_index"], len(prompts), ctx["engines"])        # this engine's prompts: their places in the round
+    mine = [prompts[k] for k in places]
+    requests = [ctx["sampling"](*request, seed=rollout_seed(args.seed, step, 1 + rnd, k))
+                for k, request in zip(places, rollout_requests([p for p, _ in mine], args, rnd))]
     with timed(times, "rollout"):
-        outs = generate(ctx["llm"], [p for p, _ in mine], params)
+        outs = engine.generate([p for p, _ in mine], requests)
     samples = []
-    for (prompt_ids, truth), group_outs in zip(mine, outs):
+    for k, (prompt_ids, truth), group_outs in zip(places, mine, outs):
         for resp, lps, finish in group_outs:
             samples.append({"prompt_ids": prompt_ids, "response_ids": resp, "rollout_logps": lps,
-                            "truncated": finish == "length", "truth": truth,
+                            "truncated": finish == "length", "truth": truth, "place": k,
                             "budget": args.max_len - len(prompt_ids)})
     timed_out = 0
     with timed(times, "reward"):
@@ -1735,7 +1969,7 @@ def rollout_round(ctx, prompts, step, rnd, times):
             timed_out = score(samples, args, ctx["tokenizer"])
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (samples, timed_out) if ctx["tp_rank"] == 0 else ([], 0))
-    all_samples = [s for g in gathered[::args.tp] for s in g[0]]
+    all_samples = sorted((s for g in gathered[::args.tp] for s in g[0]), key=lambda s: s["place"])   # stable
     return all_samples, sum(g[1] for g in gathered)
 
 
@@ -1744,7 +1978,7 @@ def rollout(ctx, step, m, times):
     differ and roll out more prompts until the step has --prompts-per-step of them (or
     --filter-max-rounds is reached). Returns the samples to train on, on every rank."""
     args = ctx["args"]
-    kept, seen, rounds, timeouts, preempted = [], [], 0, 0, vllm_counter(ctx["llm"], "vllm:num_preemptions")
+    kept, seen, rounds, timeouts, preempted = [], [], 0, 0, ctx["engine"].counter("vllm:num_preemptions")
     n = args.n_samples_per_prompt
     while rounds < (args.filter_max_rounds if args.filter_groups else 1):
         prompts = [ctx["train"][i] for i in take_prompts(ctx["data_state"], args.prompts_per_step, args.seed)]
@@ -1768,7 +2002,7 @@ def rollout(ctx, step, m, times):
         m.update({"filter_rounds": rounds, "filter_dropped_frac": 1 - len(kept) / len(seen),
                   "filter_groups_trained": groups})
     if preempted is not None:
-        m["vllm_preemptions"] = vllm_counter(ctx["llm"], "vllm:num_preemptions") - preempted
+        m["vllm_preemptions"] = ctx["engine"].counter("vllm:num_preemptions") - preempted
     return kept
 
 
@@ -1828,7 +2062,7 @@ def reduce_stats(stats, ctx):
     keys = ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "ratio", "loss_tokens", "logp_diff",
             "logp_diff_tokens", "entropy", "tis_weight", "normaliser")
     counts = ps.is_pipeline_last_stage() and ctx["tp_rank"] == 0
-    t = torch.tensor([float(stats.get(k, 0.0)) * counts for k in keys], device="cuda", dtype=torch.float64)
+    t = torch.tensor([float(stats.get(k, 0.0)) * counts for k in keys], device=ctx["device"], dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
@@ -1837,15 +2071,15 @@ def evaluate(ctx, step, m):
     """Accuracy on the first --eval-prompts test prompts, each engine answering its share once
     (greedy with --eval-temperature 0). The scored answers go to OUT/eval/step_N.jsonl."""
     args = ctx["args"]
-    from vllm import SamplingParams
-    rows = ctx["test"][:args.eval_prompts][ctx["engine"]::ctx["engines"]]
+    places = range(ctx["engine_index"], min(args.eval_prompts, len(ctx["test"])), ctx["engines"])
+    rows = [ctx["test"][k] for k in places]
     greedy = args.eval_temperature == 0
-    params = [SamplingParams(n=1, temperature=args.eval_temperature, top_p=1.0 if greedy else args.eval_top_p,
-                             top_k=-1 if greedy else args.eval_top_k, max_tokens=args.max_len - len(p),
-                             stop_token_ids=ctx["stop_ids"] or None, seed=rollout_seed(args.seed, step, ctx["engine"], 0, i))
-              for i, (p, _) in enumerate(rows)]
+    requests = [sampling_request(1, args.eval_temperature, args.max_len - len(p), ctx["stop_ids"],
+                                 top_p=1.0 if greedy else args.eval_top_p, top_k=-1 if greedy else args.eval_top_k,
+                                 seed=rollout_seed(args.seed, step, 0, k))
+                for k, (p, _) in zip(places, rows)]
     t = time.time()
-    outs = generate(ctx["llm"], [p for p, _ in rows], params)
+    outs = ctx["engine"].generate([p for p, _ in rows], requests)
     m["time_eval_generate"] = time.time() - t
     t = time.time()
     texts, acc, scores = [], [], []
@@ -1853,7 +2087,7 @@ def evaluate(ctx, step, m):
         texts = ctx["tokenizer"].batch_decode([o[0][0] for o in outs], skip_special_tokens=True)
         scores, acc, _ = score_texts(texts, [g for _, g in rows], args)
     totals = torch.tensor([sum(acc), len(acc), sum(len(o[0][0]) for o in outs) * (ctx["tp_rank"] == 0), sum(scores)],
-                          dtype=torch.float64, device="cuda")
+                          dtype=torch.float64, device=ctx["device"])
     dist.all_reduce(totals)
     m["eval_accuracy"] = (totals[0] / totals[1].clamp(min=1)).item()
     m["eval_score"] = (totals[3] / totals[1].clamp(min=1)).item()
@@ -1865,6 +2099,41 @@ def evaluate(ctx, step, m):
         with open(os.path.join(args.out, "eval", f"step_{step:06d}.jsonl"), "w") as f:
             for text, (_, truth), r, a in zip(texts, rows, scores, acc):
                 f.write(json.dumps({"response": text, "ground_truth": truth, "reward": r, "correct": a}) + "\n")
+
+
+def start_device(args, cfg, dp):
+    """torch.distributed and Megatron's groups on the chosen device, and what the device decides.
+
+    On GPUs (the default): NCCL, one GPU per rank, bf16 weights, and the memory plan fills the
+    memory flags the user left unset. With --device cpu the same loop runs on gloo with fp32
+    weights and the TorchEngine (create_engine), and this is all that changes:
+    - Megatron is taught to train without CUDA (megatron_training_on_cpu);
+    - no memory plan: the memory flags get the fastest setting, as on a GPU with room to spare,
+      and the GPU-only ones are refused when given (check_device_flags);
+    - the memory choreography has nothing to move: offload_trainer, restore_grads,
+      park_reference and fetch_reference return at once for tensors on the CPU, and the
+      engine's sleep and wake_up do nothing; the GPU memory gauges are not logged.
+    """
+    if args.device == "cpu":
+        megatron_training_on_cpu()
+        convert.init_distributed(args.tp, args.pp, use_cuda=False)
+        for k, v in CPU_MEMORY_SETTINGS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        torch.manual_seed(args.seed)
+        return
+    if not torch.cuda.is_available():
+        raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them); --device cpu runs the "
+                        "same loop on the CPU, slowly, with a plain PyTorch engine instead of vLLM")
+    convert.init_distributed(args.tp, args.pp, use_cuda=True)      # (sets each rank's GPU)
+    plan = plan_and_pick_defaults(args, cfg, dp, gpu_bytes=torch.cuda.mem_get_info()[1])
+    if dist.get_rank() == 0:
+        print(format_memory_plan(plan), flush=True)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    # These seeds make the random initial weights of --benchmark (and Megatron's TP RNG tracker)
+    # the same on every run; the data order and each step's sampling have seeds of their own.
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
 
 
 def run(args):
@@ -1882,13 +2151,8 @@ def run(args):
                         "samples each data-parallel rank trains on per step")
     if not args.benchmark:
         check_out_dir(args.out, args.resume)
-    if not torch.cuda.is_available():
-        raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them)")
-    convert.init_distributed(args.tp, args.pp, use_cuda=True)      # (sets each rank's GPU)
-    plan = plan_and_pick_defaults(args, cfg, dp, gpu_bytes=torch.cuda.mem_get_info()[1])
+    start_device(args, cfg, dp)
     rank = dist.get_rank()
-    if rank == 0:
-        print(format_memory_plan(plan), flush=True)
     if args.benchmark:             # vLLM reads only config.json (dummy weights, no tokenizer)
         args.hf_dir = os.path.join(args.out, "benchmark-hf")
         if int(os.environ["LOCAL_RANK"]) == 0:
@@ -1897,11 +2161,8 @@ def run(args):
                 json.dump(dict(cfg, torch_dtype="bfloat16"), f)
         dist.barrier()
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    # These seeds make the random initial weights of --benchmark (and Megatron's TP RNG tracker)
-    # the same on every run; the data order and each step's sampling have seeds of their own.
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
+    gpu = args.device == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
 
     # ---- data ----------------------------------------------------------------------------------
     tokenizer = None
@@ -1921,13 +2182,13 @@ def run(args):
         test, stop_ids = [], []
 
     # ---- models --------------------------------------------------------------------------------
-    model, optimizer = build_trainer(cfg, args)
+    model, optimizer = build_trainer(cfg, args, dtype, args.device)
     ref = None
     if args.kl_coef > 0 or args.kl_log_interval > 0:
-        # The frozen initial policy, for KL: bf16 params only (no grads, no optimizer), kept in
-        # host memory between its forwards unless --ref-on-gpu.
-        ref = convert.build_model(cfg, convert.transformer_config(cfg, torch.bfloat16, args.tp, args.pp,
-                                                                 variable_seq_lengths=args.pp > 1)).cuda()
+        # The frozen initial policy, for KL: params only (no grads, no optimizer), kept in host
+        # memory between its forwards unless --ref-on-gpu.
+        ref = convert.build_model(cfg, convert.transformer_config(cfg, dtype, args.tp, args.pp, use_cpu_initialization=not gpu,
+                                                                 variable_seq_lengths=args.pp > 1)).to(args.device)
         if args.load:
             convert.load_mcore(ref, args.load)
         else:
@@ -1946,27 +2207,20 @@ def run(args):
     # ---- the engine ----------------------------------------------------------------------------
     enter_phase(args, 0, "start vLLM")
     offload_trainer(model, optimizer)
-    free, total = torch.cuda.mem_get_info()
-    util = args.gpu_memory_utilization or max(0.05, (free - vllm_reserve(total)) / total)
-    log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
     t0 = time.time()
-    llm = create_engine(args, cfg, util)
-    log0(f"vLLM engine up in {time.time() - t0:.0f}s")
-    sync_weights(model, llm, cfg)
-    from vllm import SamplingParams
+    engine = create_engine(args, cfg)
+    log0(f"{type(engine).__name__} up in {time.time() - t0:.0f}s")
+    sync_weights(model, engine, cfg)
 
     def sampling(max_tokens, logprobs, seed=None):
-        # top_p 1 / top_k -1: truncation would renormalise vLLM's log-probs, and the samples would
-        # no longer come from the policy that the loss assumes.
-        return SamplingParams(n=args.n_samples_per_prompt, temperature=args.temperature, top_p=1.0, top_k=-1,
-                              max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids or None,
-                              ignore_eos=args.benchmark is not None, seed=seed)
+        return sampling_request(args.n_samples_per_prompt, args.temperature, max_tokens, stop_ids, logprobs,
+                                seed=seed, ignore_eos=args.benchmark is not None)
 
     os.makedirs(args.out, exist_ok=True)
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
-    ctx = {"args": args, "llm": llm, "tokenizer": tokenizer, "train": train, "test": test, "stop_ids": stop_ids,
-           "sampling": sampling, "engine": rank // args.tp, "engines": engines, "dp": dp,
+    ctx = {"args": args, "engine": engine, "tokenizer": tokenizer, "train": train, "test": test, "stop_ids": stop_ids,
+           "sampling": sampling, "engine_index": rank // args.tp, "engines": engines, "dp": dp, "device": args.device,
            "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
            "data_state": train_state.get("data", {"order": order, "cursor": 0, "epoch": 0}),
            "log_rank": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -1998,17 +2252,19 @@ def run(args):
         # ---- 1-2. rollout and rewards (vLLM awake), then vLLM sleeps ----------------------------
         enter_phase(args, step, "rollout")
         samples = rollout(ctx, step, m, times)
-        m["gpu_used_rollout_gib"] = gpu_used() / 2**30
+        if gpu:
+            m["gpu_used_rollout_gib"] = gpu_used() / 2**30
         enter_phase(args, step, "sleep")
         with timed(times, "sleep"):
-            llm.sleep(level=args.sleep_level)
+            engine.sleep(level=args.sleep_level)
         # ---- 3. advantages, this rank's share -----------------------------------------------
         enter_phase(args, step, "advantages")
         batch = prepare_batch(ctx, samples, m)
         if batch is not None:
             # ---- 4. old and reference log-probs ---------------------------------------------
-            used0, reserved0 = gpu_used(), torch.cuda.memory_reserved()
-            torch.cuda.reset_peak_memory_stats()
+            if gpu:
+                used0, reserved0 = gpu_used(), torch.cuda.memory_reserved()
+                torch.cuda.reset_peak_memory_stats()
             with timed(times, "restore"):
                 restore_grads(model)
             if needs_old_logp_pass(args):
@@ -2023,8 +2279,9 @@ def run(args):
             # ---- 5. policy update (and checkpoint) ------------------------------------------
             enter_phase(args, step, "update")
             stats, times["update"] = cuda_seconds(
-                lambda: train_on_batch(model, optimizer, batch, args, random.Random(rollout_seed(args.seed, step, 0, 99))))
-            m["gpu_peak_train_gib"] = (used0 + torch.cuda.max_memory_reserved() - reserved0) / 2**30
+                lambda: train_on_batch(model, optimizer, batch, args, random.Random(rollout_seed(args.seed, step, 99))))
+            if gpu:
+                m["gpu_peak_train_gib"] = (used0 + torch.cuda.max_memory_reserved() - reserved0) / 2**30
             m.update(step_metrics(reduce_stats(stats, ctx), stats, measure_kl))
             if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
                 # Saved right after the update, while the optimizer state is on the GPU. A run killed
@@ -2040,14 +2297,15 @@ def run(args):
         enter_phase(args, step, "sync")
         with timed(times, "offload"):
             offload_trainer(model, optimizer)
-        m["gpu_free_before_wake_gib"] = torch.cuda.mem_get_info()[0] / 2**30
+        if gpu:
+            m["gpu_free_before_wake_gib"] = torch.cuda.mem_get_info()[0] / 2**30
         enter_phase(args, step, "wake vLLM")
         with timed(times, "wake"):
-            llm.wake_up(tags=["weights"])
+            engine.wake_up(tags=["weights"])
         with timed(times, "sync"):
-            sync_weights(model, llm, cfg)
+            sync_weights(model, engine, cfg)
         with timed(times, "wake"):
-            llm.wake_up(tags=["kv_cache", "scheduling"])
+            engine.wake_up(tags=["kv_cache", "scheduling"])
         # ---- 7. checks, evaluation, log ---------------------------------------------------------
         m.update(time_metrics(times))
         m["tokens_per_s_rollout"] = m["generated_tokens"] / max(times["rollout"], 1e-9) / engines
@@ -2059,7 +2317,7 @@ def run(args):
             evaluate(ctx, step, m)
         log_line(m)
     if args.benchmark:
-        benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx)
+        benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx)
         convert.shutdown_distributed()
         return
     # ---- the trained policy -----------------------------------------------------------------------
@@ -2077,7 +2335,7 @@ def run(args):
     if wandb_run is not None:
         wandb_run.finish()
     prepare.close_reward_workers()
-    del llm
+    del engine
     convert.shutdown_distributed()
 
 
@@ -2142,7 +2400,7 @@ def progress_line(m):
 # ==============================================================================================
 # Benchmark: what a step costs, next to what each engine does alone
 # ==============================================================================================
-def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
+def benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx):
     """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
     the steps after the warm-up, and the two ceilings measured in the same process: the same
     prompts through plain `LLM.generate` (no log-probs at all), and a plain Megatron
@@ -2154,29 +2412,30 @@ def benchmark_report(args, history, llm, model, optimizer, ref, batch, ctx):
             if k.startswith("time_") or k.endswith("_tokens")}
     world = dist.get_world_size()
     # ceiling 1: vLLM alone (it is awake after the last step's sync), on the last step's prompts
-    prompts = [ctx["train"][i] for i in ctx["data_state"]["order"][:args.prompts_per_step]][ctx["engine"]::ctx["engines"]]
-    params = ctx["sampling"](args.max_len - args.toy_prompt_len, None)
-    before = vllm_counter(llm, "vllm:num_preemptions")
+    places = range(ctx["engine_index"], args.prompts_per_step, ctx["engines"])
+    prompts = [ctx["train"][ctx["data_state"]["order"][k]] for k in places]
+    params = [ctx["sampling"](args.max_len - args.toy_prompt_len, None)] * len(prompts)
+    before = engine.counter("vllm:num_preemptions")
 
     def job_tokens_per_s(sampling_params):
         def run():
-            outs = generate(llm, [p for p, _ in prompts], sampling_params)
+            outs = engine.generate([p for p, _ in prompts], sampling_params)
             n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
             dist.all_reduce(n)
             return n.item()
         tokens, seconds = cuda_seconds(run)
         return tokens / args.tp / seconds                 # each TP group generated its own share
     vllm_tps = job_tokens_per_s(params)
-    plain_preemptions = None if before is None else vllm_counter(llm, "vllm:num_preemptions") - before
+    plain_preemptions = None if before is None else engine.counter("vllm:num_preemptions") - before
     # the same with a seed on every request, as the rollout asks (rollout_seed): vLLM then draws
     # each seeded request's samples with a generator of its own, the rollout's one difference in
     # kind from plain generate
     seeded_tps = job_tokens_per_s([ctx["sampling"](args.max_len - args.toy_prompt_len, None,
-                                                   seed=rollout_seed(args.seed, 0, ctx["engine"], 1, i))
-                                   for i in range(len(prompts))])
-    cache = llm.llm_engine.vllm_config.cache_config
+                                                   seed=rollout_seed(args.seed, 0, 1, k))
+                                   for k in places])
+    cache = engine.llm.llm_engine.vllm_config.cache_config
     # ceiling 2: Megatron forward+backward alone, same rows and micro batches
-    llm.sleep(level=args.sleep_level)
+    engine.sleep(level=args.sleep_level)
     restore_grads(model)
     mbs = [mb for _, mb in micro_batches(batch, args.micro_batch_tokens)]
 

@@ -699,12 +699,11 @@ def test_logp_diff_stop_is_a_one_line_error_naming_the_causes():
     grpo.check_logp_diff([0.004, 0.001], args, 0)                             # bf16 noise passes
 
 
-def test_rollout_seeds_differ_by_step_engine_stream_and_prompt_and_repeat_exactly():
+def test_rollout_seeds_differ_by_step_stream_and_prompt_and_repeat_exactly():
     import grpo
-    seeds = {grpo.rollout_seed(1234, step, engine, stream, i) for step in range(20) for engine in range(8)
-             for stream in range(4) for i in range(4)}
-    assert len(seeds) == 20 * 8 * 4 * 4 and all(0 <= x < 2**62 for x in seeds)    # vLLM keeps int64 seeds
-    assert grpo.rollout_seed(1234, 7, 3, 1, 2) == grpo.rollout_seed(1234, 7, 3, 1, 2)
+    seeds = {grpo.rollout_seed(1234, step, stream, i) for step in range(20) for stream in range(4) for i in range(64)}
+    assert len(seeds) == 20 * 4 * 64 and all(0 <= x < 2**62 for x in seeds)    # vLLM keeps int64 seeds
+    assert grpo.rollout_seed(1234, 7, 1, 2) == grpo.rollout_seed(1234, 7, 1, 2)
 
 
 def test_prompts_are_taken_in_order_and_reshuffled_without_skipping():
@@ -763,32 +762,11 @@ def test_toy_reward_is_fraction_of_target_token():
 # convert.py
 # ==============================================================================================
 def cpu_shims():
-    """Let megatron-core 0.16.1 train and run forwards on a CPU-only torch (tests only: the trainer
-    needs CUDA). convert.py's own CPU path (convert.megatron_on_cpu: torch.cuda.current_device,
-    synchronize, Tensor.cuda) comes first; on top of it what only forwards and updates need: the
-    rotary embedding moves inv_freq to torch.cuda.current_device() (-> "cpu" there), the pipeline
-    schedules and optimizers allocate flags on "cuda", Megatron's optimizers check param types.
-    """
-    import torch
-    import convert
-    convert.megatron_on_cpu()
-    # the schedules and the optimizers allocate flags with torch.zeros/tensor(..., device="cuda")
-    for fn in ("zeros", "tensor", "empty", "ones"):
-        def on_cpu(*a, _f=getattr(torch, fn), **k):
-            if str(k.get("device", "")).startswith("cuda"):
-                k["device"] = "cpu"
-            return _f(*a, **k)
-        setattr(torch, fn, on_cpu)
-    # megatron's mixed-precision and distributed optimizers accept only params whose type() is
-    # torch.cuda.{BFloat16,Half,Float}Tensor: report CPU tensors under those names
-    cpu_type = torch.Tensor.type
-
-    def cuda_type_name(self, *a, **k):
-        r = cpu_type(self, *a, **k)
-        return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
-    torch.Tensor.type = cuda_type_name
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-    initialize_rng_tracker(inference_rng_tracker=True)
+    """Let megatron-core 0.16.1 train and run forwards on a CPU-only torch: what `grpo.py --device
+    cpu` does to Megatron (grpo.megatron_training_on_cpu, on top of convert.megatron_on_cpu), for
+    the helpers below that build trainers themselves."""
+    import grpo
+    grpo.megatron_training_on_cpu()
 
 
 def torchrun(*args, nproc, env=None, timeout=600):
@@ -1812,7 +1790,7 @@ def test_grpo_bad_flags_fail_with_one_line(tiny_ckpts, tmp_path):
         assert_one_line_error(run_script("grpo.py", *args), *words)
     import torch
     if not torch.cuda.is_available():
-        assert_one_line_error(run_script("grpo.py", "--load", mc, "--hf-dir", hf), "needs CUDA")
+        assert_one_line_error(run_script("grpo.py", "--load", mc, "--hf-dir", hf), "needs CUDA", "--device cpu")
 
 
 def cpu_trainer_args(ckpt, hf_dir, *flags):
@@ -1864,12 +1842,202 @@ def trainstep_main(argv):
 
 
 # ==============================================================================================
+# The loop on the CPU: grpo.py --device cpu, the TorchEngine, every layout rehearsed
+# ==============================================================================================
+def cpu_tiny_model(path, vocab_size=64, texts=None, seed=0):
+    """A random 2-layer Qwen2 of hidden 64 (2 KV heads: TP 2 splits them) saved in `path`, small
+    enough for a whole GRPO run on the CPU in seconds. With `texts`, a tiny tokenizer trained on
+    them goes there too, and its size (rounded up to 64) is the vocabulary."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    if texts is not None:
+        vocab_size = (len(make_tiny_tokenizer(path, texts)) + 63) // 64 * 64
+    cfg = dict(tiny_qwen_config(True), vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(Qwen2Config(**cfg)).save_pretrained(path)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cpu_model(tmp_path_factory):
+    """The tiny model in HF form and converted to Megatron (fp32: the CPU trains in fp32)."""
+    root = tmp_path_factory.mktemp("cpu_model")
+    cpu_tiny_model(str(root / "hf"))
+    p = run_convert("custom", str(root / "hf"), str(root / "mc"), "false", "false", "fp32")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root
+
+
+def engine_for(hf_dir, max_num_seqs=64):
+    import grpo
+    engine = grpo.TorchEngine(str(hf_dir), max_num_seqs, seed=0)
+    from transformers import AutoModelForCausalLM
+    engine.load_weights(AutoModelForCausalLM.from_pretrained(str(hf_dir)).state_dict().items())
+    return engine
+
+
+def test_cpu_engine_draws_each_sample_from_its_own_seed_whatever_its_batch(cpu_model):
+    import grpo
+    engine = engine_for(cpu_model / "hf")
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 4], [11]]
+    reqs = [grpo.sampling_request(3, 1.0, 6, [], seed=100 * k) for k in range(3)]
+    together = engine.generate(prompts, reqs)
+    assert [len(s) for s in together] == [3, 3, 3] and all(len(x[0]) == 6 for s in together for x in s)
+    assert engine.generate([prompts[1]], [reqs[1]]) == [together[1]]          # alone: the same samples
+    assert engine_for(cpu_model / "hf", max_num_seqs=1).generate(prompts, reqs) == together   # one row at a time
+    # sample j is drawn with seed + j, as vLLM does: sample 1 of seed 100 is sample 0 of seed 101
+    assert engine.generate([prompts[1]], [grpo.sampling_request(1, 1.0, 6, [], seed=101)])[0][0] == together[1][1]
+    assert engine.generate([prompts[1]], [grpo.sampling_request(3, 1.0, 6, [], seed=7)]) != [together[1]]
+
+
+def test_cpu_engine_log_probs_are_the_sampled_tokens_after_temperature(cpu_model):
+    import torch
+    import grpo
+    from transformers import AutoModelForCausalLM
+    engine = engine_for(cpu_model / "hf")
+    prompt = [5, 9, 3, 12]
+    (samples,) = engine.generate([prompt], [grpo.sampling_request(2, 0.7, 8, [], logprobs=0, seed=3)])
+    hf = AutoModelForCausalLM.from_pretrained(str(cpu_model / "hf")).float().eval()
+    for ids, logps, finish in samples:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
+        expected = torch.log_softmax(logits / 0.7, -1)[torch.arange(len(ids)), torch.tensor(ids)]
+        assert finish == "length" and len(logps) == 8
+        assert torch.allclose(torch.tensor(logps), expected, atol=1e-5), (logps, expected)
+    assert engine.generate([prompt], [grpo.sampling_request(1, 0.7, 8, [], seed=3)])[0][0][1] is None   # not asked
+
+
+def test_cpu_engine_greedy_takes_the_most_likely_token_and_top_k_1_is_greedy(cpu_model):
+    import torch
+    import grpo
+    from transformers import AutoModelForCausalLM
+    engine = engine_for(cpu_model / "hf")
+    prompt = [5, 9, 3]
+    greedy = engine.generate([prompt], [grpo.sampling_request(1, 0.0, 8, [])])[0][0][0]
+    hf = AutoModelForCausalLM.from_pretrained(str(cpu_model / "hf")).float().eval()
+    ids = list(prompt)
+    for _ in range(8):
+        with torch.no_grad():
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert greedy == ids[3:]
+    top1 = engine.generate([prompt], [grpo.sampling_request(1, 1.0, 8, [], top_k=1, seed=5)])[0][0][0]
+    assert top1 == greedy
+
+
+def test_cpu_engine_stops_at_a_stop_token_keeps_it_and_says_why(cpu_model, tmp_path):
+    import grpo
+    engine = engine_for(cpu_model / "hf")
+    greedy = engine.generate([[5, 9, 3]], [grpo.sampling_request(1, 0.0, 8, [])])[0][0]
+    assert greedy[2] == "length"
+    stop = greedy[0][3]
+    first = greedy[0].index(stop)
+    out = engine.generate([[5, 9, 3]], [grpo.sampling_request(1, 0.0, 8, [stop])])[0][0]
+    assert out[0] == greedy[0][:first + 1] and out[2] == "stop"
+    # the generation config's eos stops too, as in vLLM, unless the request ignores it
+    hf = tmp_path / "hf"
+    shutil.copytree(cpu_model / "hf", hf)
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    eos_engine = engine_for(hf)
+    assert eos_engine.generate([[5, 9, 3]], [grpo.sampling_request(1, 0.0, 8, [])])[0][0] == out
+    assert eos_engine.generate([[5, 9, 3]], [grpo.sampling_request(1, 0.0, 8, [], ignore_eos=True)])[0][0] == greedy
+
+
+def test_sample_token_draws_only_from_the_top_p_nucleus_with_its_renormalised_log_prob():
+    import math
+    import torch
+    import grpo
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    req = grpo.sampling_request(1, 1.0, 1, [], top_p=0.7)
+    g = torch.Generator().manual_seed(0)
+    draws = [grpo.sample_token(logits, req, g) for _ in range(200)]
+    assert {t for t, _ in draws} == {0, 1}                       # 0.5 + 0.3 reaches 0.7: the nucleus
+    assert all(abs(lp - math.log([0.5, 0.3][t] / 0.8)) < 1e-5 for t, lp in draws)
+    req_k = grpo.sampling_request(1, 1.0, 1, [], top_k=3)
+    assert {grpo.sample_token(logits, req_k, g)[0] for _ in range(300)} == {0, 1, 2}
+
+
+# Every layout of the same toy run: the rehearsal of TP, PP and DP on gloo. Every request's seed
+# comes from its prompt's place in the step, so each layout must draw the samples of TP 1.
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"]), "dp2": (2, []),
+           "tp2pp2": (4, ["--tp", "2", "--pp", "2"])}
+LAYOUT_RUN = ["--device", "cpu", "--toy-token", "7", "--prompts-per-step", "8", "--n-samples-per-prompt", "4",
+              "--max-len", "24", "--toy-prompt-len", "8", "--max-prompt-len", "8", "--lr", "1e-2",
+              "--eval-interval", "0", "--kl-log-interval", "2"]
+
+
+def grpo_cpu(model_root, out, *flags, nproc=1):
+    """grpo.py --device cpu on the tiny model, as a user runs it (no test shim): under torchrun
+    (gloo) for several processes. Returns its metrics rows."""
+    args = ["grpo.py", "--load", str(model_root / "mc"), "--hf-dir", str(model_root / "hf"), "--out", str(out),
+            *LAYOUT_RUN, *flags]
+    p = torchrun(*args, nproc=nproc, env={"OMP_NUM_THREADS": "1"}) if nproc > 1 else run_script(*args)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return read_metrics(os.path.join(out, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def layout_runs(cpu_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    return {name: grpo_cpu(cpu_model, root / name, "--steps", "3", *flags, nproc=nproc)
+            for name, (nproc, flags) in LAYOUTS.items()}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_on_cpu_checks_its_weight_sync_exactly_in_every_step(layout_runs, layout):
+    # fp32 on both sides: the engine and Megatron compute the same model, so after every sync
+    # (TP shards gathered, PP stages broadcast, qkv and gate-up split) the log-probs agree to rounding
+    diffs = [m["logp_diff_vllm_megatron"] for m in layout_runs[layout]]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1"])
+def test_every_layout_on_cpu_trains_on_the_samples_of_tp1_with_its_losses(layout_runs, layout):
+    ref, run = layout_runs["tp1"], layout_runs[layout]
+    assert [m["rollout_digest"] for m in run] == [m["rollout_digest"] for m in ref]
+    assert [m["reward"] for m in run] == [m["reward"] for m in ref]
+    for key in ("loss", "pg_loss", "entropy", "neg_logp", "grad_norm"):
+        assert [m[key] for m in run] == pytest.approx([m[key] for m in ref], rel=1e-4, abs=1e-6), key
+    assert run[1]["kl"] == pytest.approx(ref[1]["kl"], rel=1e-4, abs=1e-7)     # the reference model, step 2
+    assert ref[2]["reward"] > ref[0]["reward"]                                  # and it trained
+
+
+def test_a_run_checkpointed_at_dp2_resumes_at_dp1_and_draws_what_it_would_have(cpu_model, layout_runs, tmp_path):
+    out = tmp_path / "run"
+    grpo_cpu(cpu_model, out, "--steps", "2", "--save-interval", "1", nproc=2)
+    resumed = grpo_cpu(cpu_model, out, "--steps", "3", "--save-interval", "1")
+    ref = layout_runs["tp1"]
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert [m["rollout_digest"] for m in resumed] == [m["rollout_digest"] for m in ref]
+    assert resumed[2]["grad_norm"] == pytest.approx(ref[2]["grad_norm"], rel=1e-4)   # Adam's state came along
+
+
+def test_toy_task_learns_on_cpu_through_the_whole_loop(cpu_model, tmp_path):
+    rows = grpo_cpu(cpu_model, tmp_path / "run", "--steps", "12", "--prompts-per-step", "16",
+                    "--n-samples-per-prompt", "8", "--max-len", "40", "--save-interval", "0")
+    rewards = [m["reward"] for m in rows]
+    print("toy reward by step:", " ".join(f"{r:.3f}" for r in rewards))
+    assert rewards[0] < 0.05                          # a random policy: about 1 token in 64
+    assert sum(rewards[-3:]) / 3 > 0.5
+    assert max(m["logp_diff_vllm_megatron"] for m in rows) < 1e-4
+    assert os.path.isfile(tmp_path / "run" / "final" / "metadata.json")
+
+
+@pytest.mark.parametrize("flag", [["--gpu-memory-utilization", "0.5"], ["--sleep-level", "1"], ["--ref-on-gpu"],
+                                  ["--adam-moments", "host"], ["--grad-reduce-dtype", "bf16"], ["--gpu-gib", "80"],
+                                  ["--benchmark", "0.5B"]])
+def test_gpu_only_flags_are_refused_with_device_cpu(flag):
+    assert_one_line_error(run_script("grpo.py", "--check-flags", "--device", "cpu", *flag), flag[0], "--device cpu")
+
+
+# ==============================================================================================
 # run.sh
 # ==============================================================================================
 def run_sh_env(env=None):
     """This process's environment without run.sh's settings, plus `env`."""
     e = {k: v for k, v in os.environ.items()
-         if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb", "DRY_RUN", "MASTER_PORT", "REWARD")}
+         if k not in ("MODEL_SIZE", "TP", "PP", "WANDB_API_KEY", "enable_wandb", "DRY_RUN", "MASTER_PORT", "DEVICE",
+                      "REWARD")}
     e.update(env or {})
     return e
 
