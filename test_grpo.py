@@ -2023,6 +2023,51 @@ def test_toy_task_learns_on_cpu_through_the_whole_loop(cpu_model, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "final" / "metadata.json")
 
 
+PARITY_REWARD = """
+def reward(response, ground_truth, **extra):
+    right = len(response) % 2 == 1
+    return (1.1 if right else 0.1), right
+"""
+
+
+def test_a_reward_plug_in_drives_the_cpu_loop_and_a_resume_on_other_prompts_stops(tmp_path):
+    """GSM8K-shaped data through prepare.py, a reward module found on PYTHONPATH, the whole loop on
+    the CPU: the metrics count what the reward marks right (its scores are 1.1 and 0.1, so no
+    sample scores exactly 1), and a resume on another prompt set stops in one line."""
+    import pandas as pd
+    src, data = tmp_path / "gsm8k", tmp_path / "data"
+    os.makedirs(src / "main")
+    pd.DataFrame(gsm8k_rows(8)).to_parquet(src / "main" / "train-00000-of-00001.parquet")
+    pd.DataFrame(gsm8k_rows(4)).to_parquet(src / "main" / "test-00000-of-00001.parquet")
+    p = run_script("prepare.py", "--input_dir", str(src), "--local_dir", str(data), "--subdir", "main",
+                   "--question_column", "question", "--answer_column", "answer", "--answer_format", "gsm8k")
+    assert p.returncode == 0, p.stderr
+    texts = [r["prompt"][0]["content"] for r in read_jsonl(data / "train.json")]
+    cpu_tiny_model(str(tmp_path / "hf"), texts=texts * 5)
+    p = run_convert("custom", str(tmp_path / "hf"), str(tmp_path / "mc"), "false", "false", "fp32")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "rewards").mkdir()
+    (tmp_path / "rewards" / "parity_reward.py").write_text(PARITY_REWARD)
+    env = {"PYTHONPATH": str(tmp_path / "rewards"), "OMP_NUM_THREADS": "1"}
+    flags = ["grpo.py", "--device", "cpu", "--load", str(tmp_path / "mc"), "--hf-dir", str(tmp_path / "hf"),
+             "--reward", "parity_reward:reward", "--out", str(tmp_path / "out"), "--prompts-per-step", "4",
+             "--n-samples-per-prompt", "4", "--max-len", "96", "--max-prompt-len", "80", "--kl-log-interval", "0",
+             "--eval-interval", "1", "--eval-prompts", "4", "--save-interval", "1", "--reward-workers", "2"]
+    p = run_script(*flags, "--data", str(data), "--steps", "1", env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    ev0, m = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert 0 < m["accuracy"] and m["score"] == pytest.approx(0.1 + m["accuracy"])   # was: share scoring 1 = 0
+    assert ev0["eval_score"] == pytest.approx(0.1 + ev0["eval_accuracy"])
+    evals = read_jsonl(tmp_path / "out" / "eval" / "step_000001.jsonl")
+    assert len(evals) == 4 and all(e["reward"] == (1.1 if e["correct"] else 0.1) for e in evals)
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "test"):
+        (other / f"{split}.json").write_text("".join(open(data / f"{split}.json").readlines()[:4]))
+    p = run_script(*flags, "--data", str(other), "--steps", "2", env=env)
+    assert_one_line_error(p, "trained on 8 prompts", f"--data {other} gives 4", "new --out")
+
+
 @pytest.mark.parametrize("flag", [["--gpu-memory-utilization", "0.5"], ["--sleep-level", "1"], ["--ref-on-gpu"],
                                   ["--adam-moments", "host"], ["--grad-reduce-dtype", "bf16"], ["--gpu-gib", "80"],
                                   ["--benchmark", "0.5B"]])
