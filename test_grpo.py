@@ -2033,7 +2033,7 @@ def reward(response, ground_truth, **extra):
 def test_a_reward_plug_in_drives_the_cpu_loop_and_a_resume_on_other_prompts_stops(tmp_path):
     """GSM8K-shaped data through prepare.py, a reward module found on PYTHONPATH, the whole loop on
     the CPU: the metrics count what the reward marks right (its scores are 1.1 and 0.1, so no
-    sample scores exactly 1), and a resume on another prompt set stops in one line."""
+    sample scores exactly 1), and a resume on another prompt set stops in one line, on its own resumes."""
     import pandas as pd
     src, data = tmp_path / "gsm8k", tmp_path / "data"
     os.makedirs(src / "main")
@@ -2066,6 +2066,9 @@ def test_a_reward_plug_in_drives_the_cpu_loop_and_a_resume_on_other_prompts_stop
         (other / f"{split}.json").write_text("".join(open(data / f"{split}.json").readlines()[:4]))
     p = run_script(*flags, "--data", str(other), "--steps", "2", env=env)
     assert_one_line_error(p, "trained on 8 prompts", f"--data {other} gives 4", "new --out")
+    p = run_script(*flags, "--data", str(data), "--steps", "2", env=env)       # its own prompt set: resumes
+    assert p.returncode == 0 and "resuming after step 1" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    assert [x["step"] for x in read_metrics(tmp_path / "out" / "metrics.jsonl")] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("flag", [["--gpu-memory-utilization", "0.5"], ["--sleep-level", "1"], ["--ref-on-gpu"],
