@@ -1876,6 +1876,35 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     assert p.stdout.count("= skip:") == 3 and "--wandb-project" not in cmds[1]
 
 
+def test_run_sh_on_cpu_prepares_converts_trains_and_exports_a_model_that_generates(math_dir, tmp_path):
+    """`DEVICE=cpu bash run.sh` on a tiny model with a tokenizer and generated MATH parquet files:
+    the whole pipeline without a GPU (the math reward, the chat template, an evaluation), and
+    the export loads in transformers and generates."""
+    import convert
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
+    model_dir = str(tmp_path / "model")
+    cpu_tiny_model(model_dir, texts=texts * 5)
+    ck = tmp_path / "ck"
+    settings = dict(DEVICE="cpu", MODEL_SIZE="custom", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
+                    MASTER_PORT=str(convert.free_port()))
+    p = run_sh("--steps", "2", "--prompts-per-step", "4", "--n-samples-per-prompt", "4", "--max-len", "192",
+               "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "4", "--reward-workers", "1",
+               env=settings, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "DEVICE=cpu" in p.stdout and "--device cpu" in p.stdout
+    assert "convert.py custom " + model_dir + " " + str(ck / "mcore") + " false false bf16" in p.stdout
+    rows = read_metrics(ck / "grpo" / "metrics.jsonl")
+    assert [m["step"] for m in rows] == [0, 1, 2] and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
+    assert all(m["logp_diff_vllm_megatron"] < 1e-4 for m in rows[1:])
+    tok = AutoTokenizer.from_pretrained(str(ck / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(ck / "hf"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+
+
 @pytest.mark.parametrize("env,words", [
     ({"MODEL_SIZE": "9B"}, ["MODEL_SIZE=9B"]),
     ({"TP": "3"}, ["TP=3", "divisible by 3"]),
@@ -1883,6 +1912,7 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     ({"enable_wandb": "yes"}, ["enable_wandb=yes"]),
     ({"GPUS_PER_NODE": "2", "TP": "4", "NNODES": "2"}, ["TP=4 is more than GPUS_PER_NODE=2"]),
     ({"MODEL_SIZE": "custom", "MODEL_DIR": "/nonexistent"}, ["MODEL_SIZE=custom needs MODEL_DIR"]),
+    ({"DEVICE": "gpu"}, ["DEVICE=gpu", "cuda or cpu"]),
 ])
 def test_run_sh_bad_settings_fail_with_one_line(env, words):
     assert_one_line_error(run_sh("--dry-run", env=env), *words)
