@@ -79,12 +79,14 @@ def group_advantages(rewards, n_samples_per_prompt, eps=1e-5, norm_by_std=True):
 
     No value network: the group mean is the baseline (DeepSeekMath, arXiv 2402.03300). The std is
     the unbiased one (torch's default), as in the reference implementations. A group whose samples
-    all scored the same carries no signal and gets A = 0 (r - mean = 0 exactly). A group of one
-    sample has no baseline: A = 0 too. norm_by_std=False drops the std scaling (Dr. GRPO,
-    arXiv 2503.20783), which stops near-unanimous groups from getting huge advantages.
+    all scored the same carries no signal and gets A = 0 exactly, whatever the rewards (the same
+    test as `informative_groups`). A group of one sample has no baseline: A = 0 too.
+    norm_by_std=False drops the std scaling (Dr. GRPO, arXiv 2503.20783), which stops
+    near-unanimous groups from getting huge advantages.
 
     rewards: [num_prompts * n] ordered prompt by prompt -> advantages: [num_prompts * n]
-    Example: n=3, rewards [1, 0, 0] -> mean 1/3, std 0.577 -> advantages [1.155, -0.577, -0.577]
+    Example: n=3, rewards [1, 0, 0] -> mean 1/3, std 0.577 -> advantages [1.155, -0.577, -0.577];
+             n=8, eight rewards of 0.7 -> advantages all 0.0
     """
     r = rewards.view(-1, n_samples_per_prompt).float()            # [num_prompts, n]
     if n_samples_per_prompt == 1:
@@ -92,7 +94,11 @@ def group_advantages(rewards, n_samples_per_prompt, eps=1e-5, norm_by_std=True):
     adv = r - r.mean(dim=1, keepdim=True)
     if norm_by_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return adv.view(-1)
+    # The float mean of equal fractional rewards (0.7, or an overlong penalty) can be one unit in
+    # the last place off; r - mean is then not 0, and dividing by std + eps (std is ~0) turns that
+    # rounding into an advantage of the same sign for the whole group. Decide "no signal" exactly.
+    signal = informative_groups(r.view(-1), n_samples_per_prompt).unsqueeze(1)   # [num_prompts, 1]
+    return torch.where(signal, adv, torch.zeros_like(adv)).view(-1)
 
 
 def informative_groups(rewards, n_samples_per_prompt):

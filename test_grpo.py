@@ -319,6 +319,35 @@ def test_all_equal_group_gets_zero_advantage():
     assert adv[6:].tolist() == pytest.approx([1.1547, -0.5773, -0.5773], abs=1e-3)   # the docstring's example
 
 
+def test_all_equal_fractional_group_gets_exactly_zero_advantage():
+    """Eight rewards of 0.7 in float32: their mean is one unit in the last place off, which
+    divided by std + eps used to give every sample +0.0059. Overlong penalties give such rewards
+    too: answers of 90 tokens with budget 100, buffer 30 get 1 - 2/3 (scored 1) or -2/3 (scored 0)."""
+    import torch
+    import grpo
+    assert grpo.group_advantages(torch.full((8,), 0.7), 8).tolist() == [0.0] * 8
+    pen = grpo.overlong_penalty(torch.full((8,), 90), torch.full((8,), 100), 30, 1.0)
+    for rewards in (1.0 + pen, pen, torch.full((16,), 0.1), torch.full((8,), 1 / 3)):
+        n = len(rewards)
+        assert grpo.group_advantages(rewards, n).tolist() == [0.0] * n
+        assert grpo.group_advantages(rewards, n, norm_by_std=False).tolist() == [0.0] * n
+        assert grpo.informative_groups(rewards, n).tolist() == [False]
+    # one differing sample: mean 0.6375, std 0.1768 -> 0.0625 / 0.1768 and -0.4375 / 0.1768
+    mixed = grpo.group_advantages(torch.tensor([0.7] * 7 + [0.2]), 8)
+    assert mixed.tolist() == pytest.approx([0.3535] * 7 + [-2.4747], abs=1e-4)
+
+
+def test_advantage_eps_is_1e_5():
+    """Rewards [1, 0]: A = 0.5 / (std 0.70711 + 1e-5) = 0.70710 (verl's 1e-6 and TRL's 1e-4 differ
+    from it in the fifth digit)."""
+    import math
+    import torch
+    import grpo
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0]), 2)
+    assert float(adv[0]) == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-5), rel=1e-6)
+    assert float(adv[0]) != pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6)
+
+
 def test_single_sample_group_gets_zero_advantage():
     import torch
     import grpo
