@@ -413,6 +413,44 @@ def test_clip_higher_leaves_more_room_above_than_below():
     assert float(loss) == pytest.approx(-1.3 + 0.8)                 # 1.3 is inside a 0.35 clip
 
 
+def test_dual_clip_caps_the_loss_of_a_negative_advantage_token():
+    """A = -1, ratio 4: the PPO clip leaves the loss at 4.0; dual clip C = 3 caps it at 3 * |A| = 3.0,
+    counted in clip_frac_dual (verl's pg_clipfrac_lower), not in clip_frac; the capped token's
+    gradient is 0."""
+    import math
+    import torch
+    import grpo
+    logp = torch.full((1, 1), math.log(4.0), requires_grad=True)
+    loss, stats = grpo.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1))
+    assert float(loss.detach()) == pytest.approx(4.0) and float(stats["clip_frac_dual"]) == 0
+    loss, stats = grpo.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), clip_ratio_c=3.0)
+    assert float(loss.detach()) == pytest.approx(3.0) and float(stats["pg_loss"]) == pytest.approx(3.0)
+    assert float(stats["clip_frac_dual"]) == 1 and float(stats["clip_frac"]) == 0
+    loss.backward()
+    assert float(logp.grad) == 0.0
+    loss, _ = grpo.policy_loss(logp.detach(), torch.zeros(1, 1), torch.tensor([-0.5]), torch.ones(1, 1), clip_ratio_c=3.0)
+    assert float(loss) == pytest.approx(1.5)                        # the cap scales with |A|: 3 * 0.5
+
+
+def test_dual_clip_leaves_positive_advantages_and_ratios_below_c_alone():
+    """C = 3: A = +1, ratio 4 -> -1.2 (the PPO clip's, as without C); A = -1, ratio 2 -> 2.0 (under 3)."""
+    import math
+    import torch
+    import grpo
+    logp = torch.tensor([[math.log(4.0)], [math.log(2.0)]])
+    adv = torch.tensor([1.0, -1.0])
+    with_c, stats = grpo.policy_loss(logp, torch.zeros(2, 1), adv, torch.ones(2, 1), clip_ratio_c=3.0)
+    without, _ = grpo.policy_loss(logp, torch.zeros(2, 1), adv, torch.ones(2, 1))
+    assert float(with_c) == float(without) == pytest.approx(-1.2 + 2.0) and float(stats["clip_frac_dual"]) == 0
+
+
+def test_dual_clip_is_off_by_default_and_its_c_must_exceed_one():
+    import grpo
+    assert grpo.parse_args(["--check-flags"]).clip_ratio_c is None
+    assert grpo.parse_args(["--check-flags", "--clip-ratio-c", "3"]).clip_ratio_c == 3.0
+    assert_one_line_error(run_script("grpo.py", "--check-flags", "--clip-ratio-c", "0.5"), "--clip-ratio-c must be > 1")
+
+
 def test_policy_loss_of_unchanged_policy_is_minus_token_weighted_advantage():
     import torch
     import grpo
