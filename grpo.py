@@ -169,12 +169,21 @@ def loss_weights(mask, loss_agg, norm_len):
 
     token-mean weighs every token alike, so long answers weigh more; seq-mean-token-mean weighs
     every answer alike, so a token of a short answer weighs more; Dr. GRPO divides by a constant,
-    so neither the length of an answer nor of the batch rescales its gradient.
-    A row whose mask is empty (filtered out) counts in no normaliser.
+    so neither the length of an answer nor of the batch rescales its gradient. norm_len is the
+    response budget, --max-len minus --max-prompt-len, never the batch's padded width, which
+    changes from batch to batch (verl divides by that width unless `actor.loss_scale_factor` is
+    set to norm_len).
+    A row whose mask is empty (an answer --overlong-filter took out) counts in no normaliser: the
+    seq-means average over the answers left in the loss. A filtered answer carries no verdict, so
+    counting it (as TRL's `grpo` and `dr_grpo` losses do, dividing by all rows) would shrink the
+    step by the share of truncated answers. Under token-mean the two agree, since a filtered
+    answer adds no tokens.
     mask: [b, s] -> (w [b, s], normaliser: int tensor [])
     Example: two answers of 1 and 3 tokens, norm_len 4:
       token-mean: w [1 | 1 1 1], n 4;  seq-mean-token-mean: w [1 | 1/3 1/3 1/3], n 2;
       seq-mean-token-sum-norm: w [1 | 1 1 1], n 8.
+      One answer with a token loss of -1 beside a filtered one: seq-mean-token-mean gives -1 / 1
+      = -1.0 (dividing by both rows would give -0.5).
     """
     tokens = mask.sum(dim=1)                                    # [b]
     seqs = (tokens > 0).sum()
@@ -672,7 +681,7 @@ def update_step(model, optimizer, batch, args):
         stats["logp_diff_tokens"] = checked.sum()
         if is_w is not None:
             stats["tis_weight"] = masked_sum(is_w, (weights > 0).float())
-        if ent is not None:
+        if ent is not None:   # a token mean under every --loss-agg: a property of the policy, not of the loss
             stats["entropy"] = masked_sum(ent, (weights > 0).float())
         stats = {k: v.detach() for k, v in dict(stats, loss=loss_sum.detach(), normaliser=normaliser).items()}
         return loss_sum, normaliser, stats

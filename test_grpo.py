@@ -451,6 +451,15 @@ def test_dual_clip_is_off_by_default_and_its_c_must_exceed_one():
     assert_one_line_error(run_script("grpo.py", "--check-flags", "--clip-ratio-c", "0.5"), "--clip-ratio-c must be > 1")
 
 
+def test_log_ratio_is_clamped_at_10():
+    """logp - old_logp = 15 with A = +1 and no clip: the ratio is exp(10), not exp(15)."""
+    import torch
+    import grpo
+    loss, stats = grpo.policy_loss(torch.full((1, 1), 15.0), torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1),
+                                   1.0, 1e9)
+    assert float(stats["ratio"]) == pytest.approx(math.exp(10)) and float(loss) == pytest.approx(-math.exp(10))
+
+
 def test_policy_loss_of_unchanged_policy_is_minus_token_weighted_advantage():
     import torch
     import grpo
@@ -476,6 +485,55 @@ def test_loss_weights_worked_example_of_each_aggregation():
     means = [float((loss * w).sum() / n) for w, n in (grpo.loss_weights(mask, a, 4) for a in
                                                      ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))]
     assert means == pytest.approx([2.5, 2.0, 1.25])
+
+
+def test_seq_mean_token_sum_norm_divides_by_the_response_budget():
+    """Dr. GRPO's constant is --max-len - --max-prompt-len (2048 - 1024 = 1024 by default), not the
+    padded width: token losses [1 | 3 3 3] give 10 / (2 * 1024) at width 3 and at width 8 (verl
+    without actor.loss_scale_factor divides by the width: 10 / (2 * 3) at width 3)."""
+    import torch
+    import grpo
+    L = grpo.norm_len(grpo.parse_args(["--check-flags"]))
+    assert L == 1024
+    for width in (3, 8):
+        mask, loss = torch.zeros(2, width), torch.zeros(2, width)
+        mask[0, 0], mask[1, :3] = 1, 1
+        loss[0, 0], loss[1, :3] = 1, 3
+        w, n = grpo.loss_weights(mask, "seq-mean-token-sum-norm", L)
+        assert int(n) == 2048 and float((loss * w).sum() / n) == pytest.approx(10 / 2048)
+
+
+def test_overlong_filtered_answer_is_left_out_of_the_seq_mean_denominator():
+    """Two answers with A = 1, the second truncated and filtered (its mask emptied): the loss is
+    the first answer's, -1.0, under every aggregation (TRL's grpo and dr_grpo divide by both rows:
+    -0.5 and -1 / (2 * norm_len))."""
+    import torch
+    import grpo
+    logp = torch.full((2, 2), -1.0)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    for agg, expected in (("token-mean", -1.0), ("seq-mean-token-mean", -1.0), ("seq-mean-token-sum-norm", -2 / 4)):
+        w, n = grpo.loss_weights(mask, agg, 4)
+        loss, _ = grpo.policy_loss(logp, logp, torch.tensor([1.0, 1.0]), w)
+        assert float(loss / n) == pytest.approx(expected), agg
+    assert int(grpo.loss_weights(mask, "seq-mean-token-mean", 4)[1]) == 1       # one answer, not two
+
+
+def test_logged_entropy_is_a_token_mean_under_every_loss_agg():
+    """Entropies [1 | 3 3 3] at the response tokens: the logged entropy is (1 + 9) / 4 = 2.5 under
+    each --loss-agg, while the loss of the same numbers is 2.5, 2.0 and 1.25 (verl's actor/entropy
+    follows the loss: 2.0 under seq-mean-token-mean)."""
+    import torch
+    import grpo
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    ent = torch.tensor([[1.0, 0, 0], [3, 3, 3]])
+    for agg, loss_mean in (("token-mean", 2.5), ("seq-mean-token-mean", 2.0), ("seq-mean-token-sum-norm", 1.25)):
+        w, n = grpo.loss_weights(mask, agg, 4)
+        _, stats = grpo.policy_loss(ent, ent, torch.zeros(2), w)        # only for loss_tokens
+        red = {"loss": float((ent * w).sum()), "normaliser": float(n), "loss_tokens": float(stats["loss_tokens"]),
+               "entropy": float(grpo.masked_sum(ent, (w > 0).float())), "pg_loss": 0.0, "clip_frac": 0.0,
+               "clip_frac_dual": 0.0, "neg_logp": 0.0, "ratio": 0.0, "logp_diff_tokens": 0.0, "tis_weight": 0.0}
+        m = grpo.step_metrics(red, {"grad_norm": 0.0, "update_skipped": 0.0, "optimizer_steps": 1.0}, False)
+        assert m["entropy"] == pytest.approx(2.5) and m["loss"] == pytest.approx(loss_mean), agg
 
 
 def test_informative_groups_are_those_whose_rewards_differ():
@@ -586,6 +644,31 @@ def test_kl_k3_is_zero_at_equal_policies_and_positive_elsewhere():
     x = torch.tensor([-1.0, -2.0])
     assert grpo.kl_k3(x, x).tolist() == [0.0, 0.0]
     assert (grpo.kl_k3(x, x + torch.tensor([0.5, -0.5])) > 0).all()
+
+
+def test_kl_gradient_is_the_k3_gradient_not_trls_ratio_corrected_one():
+    """ref - logp = 1, on-policy, kl_coef 1: k3 = e - 2, dL/dlogp = -(e - 1) = -1.718 (verl's
+    low_var_kl). TRL with use_bias_correction_kl multiplies k3 by the ratio (1 in value): its
+    gradient is -(e - 1) + (e - 2) = -1.0."""
+    import math
+    import torch
+    import grpo
+    logp = torch.full((1, 1), -2.0, requires_grad=True)
+    ref = torch.full((1, 1), -1.0)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 1), kl_coef=1.0, ref_logp=ref)
+    loss.backward()
+    assert float(stats["kl"]) == pytest.approx(math.e - 2) and float(logp.grad) == pytest.approx(-(math.e - 1))
+    logp.grad = None
+    ratio = torch.exp(logp - logp.detach())
+    (grpo.kl_k3(logp, ref) * ratio).sum().backward()                    # the bias-corrected form, for contrast
+    assert float(logp.grad) == pytest.approx(-1.0)
+
+
+def test_kl_k3_is_clamped_at_10():
+    """ref - logp = 5: k3 = e^5 - 6 = 142.4, clamped to 10 (as verl's low_var_kl; TRL does not clamp)."""
+    import torch
+    import grpo
+    assert float(grpo.kl_k3(torch.tensor(-6.0), torch.tensor(-1.0))) == 10.0
 
 
 def test_masked_mean_of_empty_mask_is_zero():
