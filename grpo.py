@@ -82,12 +82,14 @@ def group_advantages(rewards, n_samples_per_prompt, eps=1e-5, norm_by_std=True):
 
     No value network: the group mean is the baseline (DeepSeekMath, arXiv 2402.03300). The std is
     the unbiased one (torch's default), as in the reference implementations. A group whose samples
-    all scored the same carries no signal and gets A = 0 (r - mean = 0 exactly). A group of one
-    sample has no baseline: A = 0 too. norm_by_std=False drops the std scaling (Dr. GRPO,
-    arXiv 2503.20783), which stops near-unanimous groups from getting huge advantages.
+    all scored the same carries no signal and gets A = 0 exactly, whatever the rewards (the same
+    test as `informative_groups`). A group of one sample has no baseline: A = 0 too.
+    norm_by_std=False drops the std scaling (Dr. GRPO, arXiv 2503.20783), which stops
+    near-unanimous groups from getting huge advantages.
 
     rewards: [num_prompts * n] ordered prompt by prompt -> advantages: [num_prompts * n]
-    Example: n=3, rewards [1, 0, 0] -> mean 1/3, std 0.577 -> advantages [1.155, -0.577, -0.577]
+    Example: n=3, rewards [1, 0, 0] -> mean 1/3, std 0.577 -> advantages [1.155, -0.577, -0.577];
+             n=8, eight rewards of 0.7 -> advantages all 0.0
     """
     r = rewards.view(-1, n_samples_per_prompt).float()            # [num_prompts, n]
     if n_samples_per_prompt == 1:
@@ -95,7 +97,11 @@ def group_advantages(rewards, n_samples_per_prompt, eps=1e-5, norm_by_std=True):
     adv = r - r.mean(dim=1, keepdim=True)
     if norm_by_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return adv.view(-1)
+    # The float mean of equal fractional rewards (0.7, or an overlong penalty) can be one unit in
+    # the last place off; r - mean is then not 0, and dividing by std + eps (std is ~0) turns that
+    # rounding into an advantage of the same sign for the whole group. Decide "no signal" exactly.
+    signal = informative_groups(r.view(-1), n_samples_per_prompt).unsqueeze(1)   # [num_prompts, 1]
+    return torch.where(signal, adv, torch.zeros_like(adv)).view(-1)
 
 
 def informative_groups(rewards, n_samples_per_prompt):
@@ -166,12 +172,21 @@ def loss_weights(mask, loss_agg, norm_len):
 
     token-mean weighs every token alike, so long answers weigh more; seq-mean-token-mean weighs
     every answer alike, so a token of a short answer weighs more; Dr. GRPO divides by a constant,
-    so neither the length of an answer nor of the batch rescales its gradient.
-    A row whose mask is empty (filtered out) counts in no normaliser.
+    so neither the length of an answer nor of the batch rescales its gradient. norm_len is the
+    response budget, --max-len minus --max-prompt-len, never the batch's padded width, which
+    changes from batch to batch (verl divides by that width unless `actor.loss_scale_factor` is
+    set to norm_len).
+    A row whose mask is empty (an answer --overlong-filter took out) counts in no normaliser: the
+    seq-means average over the answers left in the loss. A filtered answer carries no verdict, so
+    counting it (as TRL's `grpo` and `dr_grpo` losses do, dividing by all rows) would shrink the
+    step by the share of truncated answers. Under token-mean the two agree, since a filtered
+    answer adds no tokens.
     mask: [b, s] -> (w [b, s], normaliser: int tensor [])
     Example: two answers of 1 and 3 tokens, norm_len 4:
       token-mean: w [1 | 1 1 1], n 4;  seq-mean-token-mean: w [1 | 1/3 1/3 1/3], n 2;
       seq-mean-token-sum-norm: w [1 | 1 1 1], n 8.
+      One answer with a token loss of -1 beside a filtered one: seq-mean-token-mean gives -1 / 1
+      = -1.0 (dividing by both rows would give -0.5).
     """
     tokens = mask.sum(dim=1)                                    # [b]
     seqs = (tokens > 0).sum()
@@ -185,12 +200,13 @@ def loss_weights(mask, loss_agg, norm_len):
 
 
 def policy_loss(logp, old_logp, advantages, weights, clip_ratio_low=0.2, clip_ratio_high=0.2,
-                kl_coef=0.0, ref_logp=None, is_weights=None):
+                kl_coef=0.0, ref_logp=None, is_weights=None, clip_ratio_c=None):
     """PPO's clipped surrogate with GRPO advantages, summed over the tokens with their weights.
 
         ratio = exp(logp - old_logp)                    (clamped at exp(10) against overflow)
-        loss  = -min(ratio * A, clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high) * A)
-                [* is_weights]  [+ kl_coef * k3(logp, ref_logp)]
+        pg    = -min(ratio * A, clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high) * A)
+        pg    = min(pg, clip_ratio_c * |A|)  where A < 0       (dual clip; only with clip_ratio_c)
+        loss  = pg [* is_weights]  [+ kl_coef * k3(logp, ref_logp)]
 
     Returns the weighted *sum* over tokens, not a mean: see `loss_weights` for how the sum
     becomes the chosen mean over the whole batch.
@@ -200,11 +216,18 @@ def policy_loss(logp, old_logp, advantages, weights, clip_ratio_low=0.2, clip_ra
     ratio is exactly 1, clip_frac is 0 and the loss is the plain policy gradient -A * logp.
     Clip-higher (clip_ratio_high > clip_ratio_low) is DAPO's: it leaves more room to raise
     unlikely tokens, against entropy collapse.
+    The PPO clip never bounds a token with A < 0 whose ratio has grown: its loss ratio * |A| grows
+    with the ratio, so one such token can dominate a batch. Dual-clip PPO (Ye et al., arXiv
+    1912.09729; verl's `actor.clip_ratio_c`, 3 by default there) caps that loss at
+    clip_ratio_c * |A|. None (our default, as in the reference pipeline) leaves it off; like the
+    clip, it can only act off-policy. stats["clip_frac_dual"] counts the tokens it capped (verl's
+    `pg_clipfrac_lower`), apart from stats["clip_frac"].
 
     logp, old_logp, weights, ref_logp, is_weights: [b, s];  advantages: [b] or [b, s]
     -> (loss_sum [], stats: dict of token sums)
     Example: A=+1, ratio 1.5 with clip 0.2 -> -min(1.5, 1.2) = -1.2 (clipped: no reward for
-    moving further); A=-1, ratio 1.5 -> -min(-1.5, -1.2) = 1.5 (never clipped toward more harm).
+    moving further); A=-1, ratio 1.5 -> -min(-1.5, -1.2) = 1.5 (never clipped toward more harm);
+    A=-1, ratio 4, clip_ratio_c 3 -> min(4, 3 * 1) = 3.0 (dual clip; 4.0 without it).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)                     # [b, 1] broadcasts over tokens
@@ -212,6 +235,11 @@ def policy_loss(logp, old_logp, advantages, weights, clip_ratio_low=0.2, clip_ra
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high) * advantages
     pg = -torch.minimum(surr1, surr2)                            # [b, s]
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if clip_ratio_c is not None:
+        cap = -clip_ratio_c * advantages                         # C * |A| where A < 0
+        dual = (advantages < 0) & (pg > cap)
+        pg = torch.where(dual, cap, pg)
     if is_weights is not None:
         pg = pg * is_weights
     loss = pg
@@ -221,8 +249,9 @@ def policy_loss(logp, old_logp, advantages, weights, clip_ratio_low=0.2, clip_ra
         loss = pg + kl_coef * kl
     on = (weights > 0).float()                                   # the tokens in the loss
     stats = {"pg_loss": masked_sum(pg, on).detach(), "clip_frac": masked_sum((surr2 < surr1).float(), on),
-             "kl": masked_sum(kl, on).detach(), "neg_logp": masked_sum(-logp, on).detach(),
-             "ratio": masked_sum(ratio, on).detach(), "loss_tokens": on.sum()}
+             "clip_frac_dual": masked_sum(dual.float(), on), "kl": masked_sum(kl, on).detach(),
+             "neg_logp": masked_sum(-logp, on).detach(), "ratio": masked_sum(ratio, on).detach(),
+             "loss_tokens": on.sum()}
     return masked_sum(loss, weights), stats
 
 
@@ -684,14 +713,14 @@ def update_step(model, optimizer, batch, args):
         weights, normaliser = loss_weights(mb["mask"], args.loss_agg, norm_len(args))
         is_w = tis_weights(old, mb["rollout_logp"], args.tis_cap) if args.tis_cap else None
         loss_sum, stats = policy_loss(logp, old, mb["advantages"], weights, args.clip_ratio_low, args.clip_ratio_high,
-                                      args.kl_coef, mb["ref_logp"] if use_ref else None, is_w)
+                                      args.kl_coef, mb["ref_logp"] if use_ref else None, is_w, args.clip_ratio_c)
         # old is the policy that sampled, as Megatron computes it: compared with vLLM's numbers
         checked = mb["mask"] * mb["has_rollout_logp"].unsqueeze(1)
         stats["logp_diff"] = masked_sum((old - mb["rollout_logp"]).abs(), checked)
         stats["logp_diff_tokens"] = checked.sum()
         if is_w is not None:
             stats["tis_weight"] = masked_sum(is_w, (weights > 0).float())
-        if ent is not None:
+        if ent is not None:   # a token mean under every --loss-agg: a property of the policy, not of the loss
             stats["entropy"] = masked_sum(ent, (weights > 0).float())
         stats = {k: v.detach() for k, v in dict(stats, loss=loss_sum.detach(), normaliser=normaliser).items()}
         return loss_sum, normaliser, stats
@@ -1371,6 +1400,9 @@ def parse_args(argv):
     g.add_argument("--clip-ratio-low", type=float, default=None, help="lower clip epsilon (default --clip-ratio)")
     g.add_argument("--clip-ratio-high", type=float, default=None,
                    help="upper clip epsilon (default --clip-ratio; DAPO's clip-higher: 0.28)")
+    g.add_argument("--clip-ratio-c", type=float, default=None,
+                   help="dual-clip PPO: cap the loss of a token with a negative advantage at C * |A| (must be > 1; "
+                        "default off; verl's clip_ratio_c, 3 there; acts only with several optimizer steps per batch)")
     g.add_argument("--mini-batches", type=int, default=1,
                    help="optimizer steps per pass over a rollout batch (shuffled mini-batches)")
     g.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch (the GRPO paper's mu)")
@@ -1530,6 +1562,9 @@ def check_values(a):
         raise UserError("--temperature must be > 0: GRPO needs sampled, different answers per prompt")
     if a.clip_ratio_low >= 1:
         raise UserError("--clip-ratio-low must be < 1")
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        raise UserError("--clip-ratio-c must be > 1 (it caps the loss at C * |A|, above the PPO clip's; "
+                        "leave it out for no dual clip)")
     if a.tis_cap and a.tis_cap < 1:
         raise UserError("--tis-cap must be >= 1 (or 0 for off)")
     if a.micro_batch_tokens is not None and a.micro_batch_tokens < a.max_len:
@@ -2059,7 +2094,7 @@ def reduce_stats(stats, ctx):
     """Sum a rank's stats over the whole job, counting each DP rank once (its last pipeline
     stage, TP rank 0, holds them), so that every rank gets the same numbers."""
     from megatron.core import parallel_state as ps
-    keys = ("loss", "pg_loss", "clip_frac", "kl", "neg_logp", "ratio", "loss_tokens", "logp_diff",
+    keys = ("loss", "pg_loss", "clip_frac", "clip_frac_dual", "kl", "neg_logp", "ratio", "loss_tokens", "logp_diff",
             "logp_diff_tokens", "entropy", "tis_weight", "normaliser")
     counts = ps.is_pipeline_last_stage() and ctx["tp_rank"] == 0
     t = torch.tensor([float(stats.get(k, 0.0)) * counts for k in keys], device=ctx["device"], dtype=torch.float64)
@@ -2357,7 +2392,8 @@ def step_metrics(red, stats, measure_kl):
     """The update's metrics from the job-wide sums (see reduce_stats)."""
     tok = max(red["loss_tokens"], 1.0)
     m = {"loss": red["loss"] / max(red["normaliser"], 1.0), "pg_loss": red["pg_loss"] / tok,
-         "clip_frac": red["clip_frac"] / tok, "neg_logp": red["neg_logp"] / tok, "ratio_mean": red["ratio"] / tok,
+         "clip_frac": red["clip_frac"] / tok, "clip_frac_dual": red["clip_frac_dual"] / tok,
+         "neg_logp": red["neg_logp"] / tok, "ratio_mean": red["ratio"] / tok,
          "entropy": red["entropy"] / tok, "grad_norm": stats["grad_norm"],
          "update_skipped": stats["update_skipped"], "optimizer_steps": stats["optimizer_steps"]}
     if red["logp_diff_tokens"] > 0:

@@ -5,6 +5,7 @@
 #   bash run.sh                                   # Qwen2.5-7B-Instruct on 8 GPUs
 #   MODEL_SIZE=0.5B GPUS_PER_NODE=1 bash run.sh --steps 50
 #   enable_wandb=True wandb_project=my-proj WANDB_API_KEY=... bash run.sh
+#   DEVICE=cpu MODEL_SIZE=0.5B bash run.sh --steps 2   # no GPU: the same pipeline on the CPU (slow)
 #   bash run.sh --dry-run                         # print the commands, run nothing
 #   bash run.sh --help
 #
@@ -30,8 +31,11 @@ Environment variables (default in brackets):
   REWARD          the task's reward for grpo.py --reward, MODULE:FUNCTION
                   (README: Your own task)                    [prepare:math_reward]
   CKPT_DIR        where mcore/ (converted), grpo/ (run) and hf/ (export) go  [ckpts/Qwen2.5-$MODEL_SIZE]
-  GPUS_PER_NODE   processes (GPUs) per node                                  [8]
-  TP              tensor parallel size       [1 for <=3B, 2 for 7B, 4 for 14B, 8 for 32B/72B]
+  DEVICE          cuda, or cpu: the same pipeline without GPUs (conversion with
+                  USE_CUDA=false, grpo.py --device cpu; slow, for learning)  [cuda]
+  GPUS_PER_NODE   processes (GPUs) per node                        [8; 1 with DEVICE=cpu]
+  TP              tensor parallel size       [1 for <=3B, 2 for 7B, 4 for 14B, 8 for 32B/72B;
+                                              1 with DEVICE=cpu]
   PP              pipeline parallel size                  [1; 2 for 72B, with NNODES=2]
   NNODES          nodes                                                      [1]
   NODE_RANK       this node's rank (prepare/convert/export run on node 0)    [0]
@@ -73,6 +77,11 @@ on() {
 # Layouts that fit 80 GB GPUs by grpo.py's memory plan (python grpo.py --memory-plan SIZE ...; the
 # README's table): 72B needs two pipeline stages, so two nodes of 8 (NNODES=2).
 MODEL_SIZE=${MODEL_SIZE:-7B}
+DEVICE=${DEVICE:-cuda}
+case "$DEVICE" in
+  cuda|cpu) ;;
+  *) die "DEVICE=$DEVICE: use cuda or cpu" ;;
+esac
 pp_default=1
 case "$MODEL_SIZE" in
   0.5B|1.5B|3B|custom) tp_default=1 ;;
@@ -82,12 +91,16 @@ case "$MODEL_SIZE" in
   72B) tp_default=8; pp_default=2 ;;
   *) die "MODEL_SIZE=$MODEL_SIZE is not one of 0.5B 1.5B 3B 7B 14B 32B 72B custom" ;;
 esac
+gpus_default=8
+# On the CPU no layout is needed to fit memory: one process, the whole model (TP/PP/GPUS_PER_NODE
+# may still be set, to rehearse a layout).
+[[ $DEVICE == cpu ]] && { tp_default=1; pp_default=1; gpus_default=1; }
 MODEL_DIR=${MODEL_DIR:-Qwen2.5-$MODEL_SIZE-Instruct}
 MODEL_ID=${MODEL_ID:-Qwen/Qwen2.5-$MODEL_SIZE-Instruct}
 DATA_DIR=${DATA_DIR:-dataset/MATH-lighteval}
 REWARD=${REWARD:-prepare:math_reward}
 CKPT_DIR=${CKPT_DIR:-ckpts/Qwen2.5-$MODEL_SIZE}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$gpus_default}
 TP=${TP:-$tp_default}
 PP=${PP:-$pp_default}
 NNODES=${NNODES:-1}
@@ -113,7 +126,7 @@ conv_pp=$PP
 dry_run=0; on DRY_RUN && dry_run=1
 wandb_on=0; on enable_wandb && wandb_on=1
 
-echo "settings: MODEL_SIZE=$MODEL_SIZE MODEL_DIR=$MODEL_DIR DATA_DIR=$DATA_DIR REWARD=$REWARD CKPT_DIR=$CKPT_DIR"
+echo "settings: MODEL_SIZE=$MODEL_SIZE MODEL_DIR=$MODEL_DIR DATA_DIR=$DATA_DIR REWARD=$REWARD CKPT_DIR=$CKPT_DIR DEVICE=$DEVICE"
 echo "          GPUS_PER_NODE=$GPUS_PER_NODE NNODES=$NNODES NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT TP=$TP PP=$PP"
 echo "          enable_wandb=$enable_wandb wandb_project=$wandb_project WANDB_API_KEY=$([[ -n ${WANDB_API_KEY:-} ]] && echo set || echo unset)"
 echo "          grpo.py extra flags: ${extra[*]:-(none)}"
@@ -137,13 +150,15 @@ check() {   # print a check's command; unless this is a dry run, run it and stop
 MCORE=$CKPT_DIR/mcore
 OUT=$CKPT_DIR/grpo
 HF_OUT=$CKPT_DIR/hf
+use_cuda=true
+[[ $DEVICE == cpu ]] && use_cuda=false
 convert_cmd=(python convert.py)
 (( TP * conv_pp > 1 )) && convert_cmd=(torchrun --nproc_per_node $(( TP * conv_pp )) --master_port "$MASTER_PORT" convert.py)
 
 wandb_args=()
 (( wandb_on )) && wandb_args=(--wandb-project "$wandb_project")
 grpo_flags=(--load "$MCORE" --hf-dir "$MODEL_DIR" --data "$DATA_DIR" --reward "$REWARD" --out "$OUT" --model-size "$MODEL_SIZE"
-            --tp "$TP" --pp "$PP" "${wandb_args[@]}" "${extra[@]}")
+            --device "$DEVICE" --tp "$TP" --pp "$PP" "${wandb_args[@]}" "${extra[@]}")
 
 # 0. grpo.py's flags, now: a typo would otherwise surface in step 4, after the downloads and the
 # conversion. --check-flags only parses and validates them (no files, no GPUs), and with the
@@ -178,7 +193,7 @@ if (( NODE_RANK == 0 )); then
   if [[ -f $MCORE/metadata.json ]]; then
     skip "Megatron checkpoint $MCORE exists"
   else
-    run "${convert_cmd[@]}" "$MODEL_SIZE" "$MODEL_DIR" "$MCORE" false true bf16 --tp "$TP" --pp "$conv_pp"
+    run "${convert_cmd[@]}" "$MODEL_SIZE" "$MODEL_DIR" "$MCORE" false "$use_cuda" bf16 --tp "$TP" --pp "$conv_pp"
   fi
 fi
 
@@ -191,7 +206,7 @@ if (( NODE_RANK == 0 )); then
   if [[ -f $HF_OUT/config.json && $HF_OUT/config.json -nt $OUT/final/metadata.json ]]; then
     skip "export $HF_OUT is newer than $OUT/final"
   else
-    run "${convert_cmd[@]}" "$MODEL_SIZE" "$OUT/final" "$HF_OUT" true true bf16 "$MODEL_DIR" --tp "$TP" --pp "$conv_pp" --force
+    run "${convert_cmd[@]}" "$MODEL_SIZE" "$OUT/final" "$HF_OUT" true "$use_cuda" bf16 "$MODEL_DIR" --tp "$TP" --pp "$conv_pp" --force
   fi
   echo "done: trained policy in $HF_OUT"
 fi

@@ -522,6 +522,35 @@ def test_all_equal_group_gets_zero_advantage():
     assert adv[6:].tolist() == pytest.approx([1.1547, -0.5773, -0.5773], abs=1e-3)   # the docstring's example
 
 
+def test_all_equal_fractional_group_gets_exactly_zero_advantage():
+    """Eight rewards of 0.7 in float32: their mean is one unit in the last place off, which
+    divided by std + eps used to give every sample +0.0059. Overlong penalties give such rewards
+    too: answers of 90 tokens with budget 100, buffer 30 get 1 - 2/3 (scored 1) or -2/3 (scored 0)."""
+    import torch
+    import grpo
+    assert grpo.group_advantages(torch.full((8,), 0.7), 8).tolist() == [0.0] * 8
+    pen = grpo.overlong_penalty(torch.full((8,), 90), torch.full((8,), 100), 30, 1.0)
+    for rewards in (1.0 + pen, pen, torch.full((16,), 0.1), torch.full((8,), 1 / 3)):
+        n = len(rewards)
+        assert grpo.group_advantages(rewards, n).tolist() == [0.0] * n
+        assert grpo.group_advantages(rewards, n, norm_by_std=False).tolist() == [0.0] * n
+        assert grpo.informative_groups(rewards, n).tolist() == [False]
+    # one differing sample: mean 0.6375, std 0.1768 -> 0.0625 / 0.1768 and -0.4375 / 0.1768
+    mixed = grpo.group_advantages(torch.tensor([0.7] * 7 + [0.2]), 8)
+    assert mixed.tolist() == pytest.approx([0.3535] * 7 + [-2.4747], abs=1e-4)
+
+
+def test_advantage_eps_is_1e_5():
+    """Rewards [1, 0]: A = 0.5 / (std 0.70711 + 1e-5) = 0.70710 (verl's 1e-6 and TRL's 1e-4 differ
+    from it in the fifth digit)."""
+    import math
+    import torch
+    import grpo
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0]), 2)
+    assert float(adv[0]) == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-5), rel=1e-6)
+    assert float(adv[0]) != pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6)
+
+
 def test_single_sample_group_gets_zero_advantage():
     import torch
     import grpo
@@ -587,6 +616,53 @@ def test_clip_higher_leaves_more_room_above_than_below():
     assert float(loss) == pytest.approx(-1.3 + 0.8)                 # 1.3 is inside a 0.35 clip
 
 
+def test_dual_clip_caps_the_loss_of_a_negative_advantage_token():
+    """A = -1, ratio 4: the PPO clip leaves the loss at 4.0; dual clip C = 3 caps it at 3 * |A| = 3.0,
+    counted in clip_frac_dual (verl's pg_clipfrac_lower), not in clip_frac; the capped token's
+    gradient is 0."""
+    import math
+    import torch
+    import grpo
+    logp = torch.full((1, 1), math.log(4.0), requires_grad=True)
+    loss, stats = grpo.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1))
+    assert float(loss.detach()) == pytest.approx(4.0) and float(stats["clip_frac_dual"]) == 0
+    loss, stats = grpo.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), clip_ratio_c=3.0)
+    assert float(loss.detach()) == pytest.approx(3.0) and float(stats["pg_loss"]) == pytest.approx(3.0)
+    assert float(stats["clip_frac_dual"]) == 1 and float(stats["clip_frac"]) == 0
+    loss.backward()
+    assert float(logp.grad) == 0.0
+    loss, _ = grpo.policy_loss(logp.detach(), torch.zeros(1, 1), torch.tensor([-0.5]), torch.ones(1, 1), clip_ratio_c=3.0)
+    assert float(loss) == pytest.approx(1.5)                        # the cap scales with |A|: 3 * 0.5
+
+
+def test_dual_clip_leaves_positive_advantages_and_ratios_below_c_alone():
+    """C = 3: A = +1, ratio 4 -> -1.2 (the PPO clip's, as without C); A = -1, ratio 2 -> 2.0 (under 3)."""
+    import math
+    import torch
+    import grpo
+    logp = torch.tensor([[math.log(4.0)], [math.log(2.0)]])
+    adv = torch.tensor([1.0, -1.0])
+    with_c, stats = grpo.policy_loss(logp, torch.zeros(2, 1), adv, torch.ones(2, 1), clip_ratio_c=3.0)
+    without, _ = grpo.policy_loss(logp, torch.zeros(2, 1), adv, torch.ones(2, 1))
+    assert float(with_c) == float(without) == pytest.approx(-1.2 + 2.0) and float(stats["clip_frac_dual"]) == 0
+
+
+def test_dual_clip_is_off_by_default_and_its_c_must_exceed_one():
+    import grpo
+    assert grpo.parse_args(["--check-flags"]).clip_ratio_c is None
+    assert grpo.parse_args(["--check-flags", "--clip-ratio-c", "3"]).clip_ratio_c == 3.0
+    assert_one_line_error(run_script("grpo.py", "--check-flags", "--clip-ratio-c", "0.5"), "--clip-ratio-c must be > 1")
+
+
+def test_log_ratio_is_clamped_at_10():
+    """logp - old_logp = 15 with A = +1 and no clip: the ratio is exp(10), not exp(15)."""
+    import torch
+    import grpo
+    loss, stats = grpo.policy_loss(torch.full((1, 1), 15.0), torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1),
+                                   1.0, 1e9)
+    assert float(stats["ratio"]) == pytest.approx(math.exp(10)) and float(loss) == pytest.approx(-math.exp(10))
+
+
 def test_policy_loss_of_unchanged_policy_is_minus_token_weighted_advantage():
     import torch
     import grpo
@@ -612,6 +688,55 @@ def test_loss_weights_worked_example_of_each_aggregation():
     means = [float((loss * w).sum() / n) for w, n in (grpo.loss_weights(mask, a, 4) for a in
                                                      ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))]
     assert means == pytest.approx([2.5, 2.0, 1.25])
+
+
+def test_seq_mean_token_sum_norm_divides_by_the_response_budget():
+    """Dr. GRPO's constant is --max-len - --max-prompt-len (2048 - 1024 = 1024 by default), not the
+    padded width: token losses [1 | 3 3 3] give 10 / (2 * 1024) at width 3 and at width 8 (verl
+    without actor.loss_scale_factor divides by the width: 10 / (2 * 3) at width 3)."""
+    import torch
+    import grpo
+    L = grpo.norm_len(grpo.parse_args(["--check-flags"]))
+    assert L == 1024
+    for width in (3, 8):
+        mask, loss = torch.zeros(2, width), torch.zeros(2, width)
+        mask[0, 0], mask[1, :3] = 1, 1
+        loss[0, 0], loss[1, :3] = 1, 3
+        w, n = grpo.loss_weights(mask, "seq-mean-token-sum-norm", L)
+        assert int(n) == 2048 and float((loss * w).sum() / n) == pytest.approx(10 / 2048)
+
+
+def test_overlong_filtered_answer_is_left_out_of_the_seq_mean_denominator():
+    """Two answers with A = 1, the second truncated and filtered (its mask emptied): the loss is
+    the first answer's, -1.0, under every aggregation (TRL's grpo and dr_grpo divide by both rows:
+    -0.5 and -1 / (2 * norm_len))."""
+    import torch
+    import grpo
+    logp = torch.full((2, 2), -1.0)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    for agg, expected in (("token-mean", -1.0), ("seq-mean-token-mean", -1.0), ("seq-mean-token-sum-norm", -2 / 4)):
+        w, n = grpo.loss_weights(mask, agg, 4)
+        loss, _ = grpo.policy_loss(logp, logp, torch.tensor([1.0, 1.0]), w)
+        assert float(loss / n) == pytest.approx(expected), agg
+    assert int(grpo.loss_weights(mask, "seq-mean-token-mean", 4)[1]) == 1       # one answer, not two
+
+
+def test_logged_entropy_is_a_token_mean_under_every_loss_agg():
+    """Entropies [1 | 3 3 3] at the response tokens: the logged entropy is (1 + 9) / 4 = 2.5 under
+    each --loss-agg, while the loss of the same numbers is 2.5, 2.0 and 1.25 (verl's actor/entropy
+    follows the loss: 2.0 under seq-mean-token-mean)."""
+    import torch
+    import grpo
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    ent = torch.tensor([[1.0, 0, 0], [3, 3, 3]])
+    for agg, loss_mean in (("token-mean", 2.5), ("seq-mean-token-mean", 2.0), ("seq-mean-token-sum-norm", 1.25)):
+        w, n = grpo.loss_weights(mask, agg, 4)
+        _, stats = grpo.policy_loss(ent, ent, torch.zeros(2), w)        # only for loss_tokens
+        red = {"loss": float((ent * w).sum()), "normaliser": float(n), "loss_tokens": float(stats["loss_tokens"]),
+               "entropy": float(grpo.masked_sum(ent, (w > 0).float())), "pg_loss": 0.0, "clip_frac": 0.0,
+               "clip_frac_dual": 0.0, "neg_logp": 0.0, "ratio": 0.0, "logp_diff_tokens": 0.0, "tis_weight": 0.0}
+        m = grpo.step_metrics(red, {"grad_norm": 0.0, "update_skipped": 0.0, "optimizer_steps": 1.0}, False)
+        assert m["entropy"] == pytest.approx(2.5) and m["loss"] == pytest.approx(loss_mean), agg
 
 
 def test_informative_groups_are_those_whose_rewards_differ():
@@ -721,6 +846,31 @@ def test_kl_k3_is_zero_at_equal_policies_and_positive_elsewhere():
     x = torch.tensor([-1.0, -2.0])
     assert grpo.kl_k3(x, x).tolist() == [0.0, 0.0]
     assert (grpo.kl_k3(x, x + torch.tensor([0.5, -0.5])) > 0).all()
+
+
+def test_kl_gradient_is_the_k3_gradient_not_trls_ratio_corrected_one():
+    """ref - logp = 1, on-policy, kl_coef 1: k3 = e - 2, dL/dlogp = -(e - 1) = -1.718 (verl's
+    low_var_kl). TRL with use_bias_correction_kl multiplies k3 by the ratio (1 in value): its
+    gradient is -(e - 1) + (e - 2) = -1.0."""
+    import math
+    import torch
+    import grpo
+    logp = torch.full((1, 1), -2.0, requires_grad=True)
+    ref = torch.full((1, 1), -1.0)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 1), kl_coef=1.0, ref_logp=ref)
+    loss.backward()
+    assert float(stats["kl"]) == pytest.approx(math.e - 2) and float(logp.grad) == pytest.approx(-(math.e - 1))
+    logp.grad = None
+    ratio = torch.exp(logp - logp.detach())
+    (grpo.kl_k3(logp, ref) * ratio).sum().backward()                    # the bias-corrected form, for contrast
+    assert float(logp.grad) == pytest.approx(-1.0)
+
+
+def test_kl_k3_is_clamped_at_10():
+    """ref - logp = 5: k3 = e^5 - 6 = 142.4, clamped to 10 (as verl's low_var_kl; TRL does not clamp)."""
+    import torch
+    import grpo
+    assert float(grpo.kl_k3(torch.tensor(-6.0), torch.tensor(-1.0))) == 10.0
 
 
 def test_masked_mean_of_empty_mask_is_zero():
@@ -2151,6 +2301,35 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     assert p.stdout.count("= skip:") == 3 and "--wandb-project" not in cmds[1]
 
 
+def test_run_sh_on_cpu_prepares_converts_trains_and_exports_a_model_that_generates(math_dir, tmp_path):
+    """`DEVICE=cpu bash run.sh` on a tiny model with a tokenizer and generated MATH parquet files:
+    the whole pipeline without a GPU (the math reward, the chat template, an evaluation), and
+    the export loads in transformers and generates."""
+    import convert
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    texts = [r["problem"] for r in math_rows(20, "train")] + ["\\boxed{12} The answer is"] * 20
+    model_dir = str(tmp_path / "model")
+    cpu_tiny_model(model_dir, texts=texts * 5)
+    ck = tmp_path / "ck"
+    settings = dict(DEVICE="cpu", MODEL_SIZE="custom", MODEL_DIR=model_dir, DATA_DIR=math_dir, CKPT_DIR=str(ck),
+                    MASTER_PORT=str(convert.free_port()))
+    p = run_sh("--steps", "2", "--prompts-per-step", "4", "--n-samples-per-prompt", "4", "--max-len", "192",
+               "--max-prompt-len", "128", "--eval-interval", "2", "--eval-prompts", "4", "--reward-workers", "1",
+               env=settings, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "DEVICE=cpu" in p.stdout and "--device cpu" in p.stdout
+    assert "convert.py custom " + model_dir + " " + str(ck / "mcore") + " false false bf16" in p.stdout
+    rows = read_metrics(ck / "grpo" / "metrics.jsonl")
+    assert [m["step"] for m in rows] == [0, 1, 2] and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
+    assert all(m["logp_diff_vllm_megatron"] < 1e-4 for m in rows[1:])
+    tok = AutoTokenizer.from_pretrained(str(ck / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(ck / "hf"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+
+
 @pytest.mark.parametrize("env,words", [
     ({"MODEL_SIZE": "9B"}, ["MODEL_SIZE=9B"]),
     ({"TP": "3"}, ["TP=3", "divisible by 3"]),
@@ -2158,6 +2337,7 @@ def test_run_sh_skips_steps_whose_output_exists(math_dir, tmp_path):
     ({"enable_wandb": "yes"}, ["enable_wandb=yes"]),
     ({"GPUS_PER_NODE": "2", "TP": "4", "NNODES": "2"}, ["TP=4 is more than GPUS_PER_NODE=2"]),
     ({"MODEL_SIZE": "custom", "MODEL_DIR": "/nonexistent"}, ["MODEL_SIZE=custom needs MODEL_DIR"]),
+    ({"DEVICE": "gpu"}, ["DEVICE=gpu", "cuda or cpu"]),
 ])
 def test_run_sh_bad_settings_fail_with_one_line(env, words):
     assert_one_line_error(run_sh("--dry-run", env=env), *words)
