@@ -910,7 +910,7 @@ def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
     (data position, the prompt set's fingerprint, the step's metrics line so far); then drop all but
     the newest `keep_last`.
 
-    No RNG state is saved: every step's sampling is seeded from (--seed, step, engine) by
+    No RNG state is saved: every step's sampling is seeded from (--seed, step, prompt) by
     `rollout_seed`, so a resumed run draws the same samples without one."""
     import shutil
     from megatron.core import dist_checkpointing
