@@ -1524,6 +1524,7 @@ def check_device_flags(a):
                  "--sleep-level": a.sleep_level is not None, "--gpu-gib": a.gpu_gib is not None,
                  "--host-gib": a.host_gib is not None, "--ref-on-gpu": a.ref_on_gpu,
                  "--adam-moments host": a.adam_moments == "host", "--grad-reduce-dtype bf16": a.grad_reduce_dtype == "bf16",
+                 "--recompute full": a.recompute == "full",
                  "--benchmark": a.benchmark is not None}
         for flag, on in given.items():
             if on:
@@ -1707,7 +1708,8 @@ class TorchEngine:
     - prefill: one forward over the prompts fills the KV cache; decode: one forward per new
       token, each feeding only the newest token and reading the rest from the cache;
     - each row draws its tokens with its own generator, seeded seed + j for sample j as vLLM
-      does, so a sample depends on its request alone, never on its batch-mates;
+      does, so a sample depends on its request alone, never on its batch-mates (up to the float
+      rounding of a batched forward);
     - a row ends at a stop token (kept in its output, as vLLM keeps it) or at max_tokens.
 
     It starts with random weights, as vLLM's load_format="dummy"; the first weight sync fills

@@ -2223,6 +2223,7 @@ def test_a_reward_plug_in_drives_the_cpu_loop_and_a_resume_on_other_prompts_stop
 
 @pytest.mark.parametrize("flag", [["--gpu-memory-utilization", "0.5"], ["--sleep-level", "1"], ["--ref-on-gpu"],
                                   ["--adam-moments", "host"], ["--grad-reduce-dtype", "bf16"], ["--gpu-gib", "80"],
+                                  ["--recompute", "full"],
                                   ["--benchmark", "0.5B"]])
 def test_gpu_only_flags_are_refused_with_device_cpu(flag):
     assert_one_line_error(run_script("grpo.py", "--check-flags", "--device", "cpu", *flag), flag[0], "--device cpu")
