@@ -1602,6 +1602,9 @@ def check_values(a):
 #   engine.wake_up(tags)                 ... and take it back ("weights", then "kv_cache")
 #   engine.reset_prefix_cache()          forget prompt prefixes computed with older weights
 #
+# (and engine.counter(name), vLLM's cumulative counters for the log, None on the CPU; only the
+# benchmark, which times vLLM against itself, reaches into vLLM past these calls)
+#
 # `VLLMEngine` is the one GPU users run; `TorchEngine` answers the same calls with a plain
 # PyTorch model on the CPU, so that the whole loop runs where vLLM cannot (CI, a laptop):
 # `grpo.py --device cpu`.
@@ -1642,7 +1645,8 @@ class VLLMEngine:
 
     load_format="dummy": vLLM allocates random weights and never reads the checkpoint; the first
     weight sync fills them from Megatron, so both engines provably run the same weights. Every
-    request carries its own seed (rollout_seed), so the engine-wide seed decides nothing.
+    request of the loop carries its own seed (rollout_seed); the engine-wide seed only draws for
+    the benchmark's unseeded plain-vLLM ceiling.
     """
 
     def __init__(self, args, cfg, gpu_memory_utilization):
@@ -1710,7 +1714,8 @@ class TorchEngine:
     - each row draws its tokens with its own generator, seeded seed + j for sample j as vLLM
       does, so a sample depends on its request alone, never on its batch-mates (up to the float
       rounding of a batched forward);
-    - a row ends at a stop token (kept in its output, as vLLM keeps it) or at max_tokens.
+    - a row ends at a stop token ("stop", also when it is the last token allowed; kept in its
+      output, as vLLM keeps it) or at max_tokens ("length").
 
     It starts with random weights, as vLLM's load_format="dummy"; the first weight sync fills
     them. The trainer on the CPU is fp32 too, so both sides compute the same model and their
@@ -1781,7 +1786,7 @@ class TorchEngine:
                 ids.append(token)
                 if logps is not None:
                     logps.append(logp)
-                if token in stops[b] or len(ids) == r["max_tokens"]:
+                if token in stops[b] or len(ids) == r["max_tokens"]:     # stop tokens first, as vLLM's check_stop
                     samples[b] = (ids, logps, "stop" if token in stops[b] else "length")
             if all(s[2] is not None for s in samples):
                 break

@@ -2084,6 +2084,8 @@ def test_cpu_engine_stops_at_a_stop_token_keeps_it_and_says_why(cpu_model, tmp_p
     first = greedy[0].index(stop)
     out = engine.generate([[5, 9, 3]], [grpo.sampling_request(1, 0.0, 8, [stop])])[0][0]
     assert out[0] == greedy[0][:first + 1] and out[2] == "stop"
+    # the stop token is also the last token allowed: "stop", as vLLM's check_stop tests stop tokens first
+    assert engine.generate([[5, 9, 3]], [grpo.sampling_request(1, 0.0, first + 1, [stop])])[0][0] == (out[0], None, "stop")
     # the generation config's eos stops too, as in vLLM, unless the request ignores it
     hf = tmp_path / "hf"
     shutil.copytree(cpu_model / "hf", hf)
