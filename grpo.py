@@ -35,6 +35,7 @@ CPU, so both always fit. `memory_plan` adds it all up before anything is allocat
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -456,7 +457,10 @@ def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
             # are the size of the largest tensor, for a few milliseconds more per step.
             group["foreach"] = False
     if args.adam_moments == "host":
+        t0 = time.time()
         stream_adam_moments(optimizer)
+        log0(f"Adam's moments: {sum(p.numel() for p in _optimizer_tensors(optimizer)) * 8 / 2**30:.1f} GiB of "
+             f"pinned host memory in {time.time() - t0:.0f}s")
     return ddp, optimizer
 
 
@@ -472,41 +476,101 @@ def recompute_settings(recompute):
 
 def stream_adam_moments(optimizer):
     """--adam-moments host: Adam's two moments (8 of the 12 bytes per parameter of optimizer state)
-    live in pinned host memory for good and visit the GPU one parameter at a time, during its own
-    update in optimizer.step(). The step then needs the fp32 master weights on the GPU, and the
-    moments of one tensor: the lever for models whose weights, gradients and optimizer state
-    alone nearly fill a GPU (Qwen2.5-7B on one 141 GB GPU). It costs the moments' trip over PCIe
-    and back every step.
+    live in pinned host memory for good and visit the GPU one tensor at a time, during that
+    tensor's own update in optimizer.step(). The step then needs the fp32 master weights on the
+    GPU and the moments of a few tensors: the lever for models whose weights, gradients and
+    optimizer state alone nearly fill a GPU (Qwen2.5-7B on one 141 GB GPU).
 
     Megatron's own HybridDeviceOptimizer, which runs Adam on the CPU instead, needs Transformer
     Engine's precision-aware optimizer in megatron-core 0.16.1, which this project does without.
-    Here the inner torch AdamW steps one parameter at a time (its param_groups narrowed to that
-    parameter, its state shared), and the moments are swapped in and out around each call."""
+    Here the inner torch AdamW steps one tensor at a time (its param_groups narrowed to that
+    tensor, its state shared) and streamed_adam_step moves the moments around each call.
+
+    The host buffers are allocated and page-locked here, once, before the first step: pinning
+    fresh memory makes the kernel fault in and lock every page (tens of seconds for 7B's 61 GB),
+    which would otherwise land in the first update's time."""
     for inner in _torch_optimizers(optimizer):
-        def streamed_step(closure=None, inner=inner, step=inner.step):
-            groups = inner.param_groups
-            try:
-                for group in groups:
-                    for p in group["params"]:
-                        if p.grad is None:
-                            continue
-                        state = inner.state[p]
-                        for k in ("exp_avg", "exp_avg_sq"):
-                            if k in state:
-                                state[k] = state[k].to(p.device, non_blocking=True)
-                        inner.param_groups = [dict(group, params=[p])]
-                        step()
-                        for k in ("exp_avg", "exp_avg_sq"):
-                            host = getattr(p, "_host_" + k, None)
-                            if host is None:
-                                host = pinned_empty(p.shape, state[k].dtype)
-                                setattr(p, "_host_" + k, host)
-                            host.copy_(state[k], non_blocking=True)
-                            state[k] = host
-            finally:
-                inner.param_groups = groups
-            torch.cuda.synchronize()             # the host copies are complete before anyone reads them
-        inner.step = streamed_step
+        for group in inner.param_groups:
+            for p in group["params"]:
+                for k in MOMENTS:
+                    setattr(p, "_host_" + k, pinned_empty(p.shape, p.dtype))
+        inner.step = functools.partial(streamed_adam_step, inner, inner.step)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def streamed_adam_step(inner, adam_step, closure=None):
+    """AdamW one tensor at a time, its moments brought from host memory just before and sent back
+    just after, on two copy streams of their own, so that the PCIe trip (16 bytes per parameter,
+    both ways) runs while the GPU computes and in both directions at once:
+
+        up stream (host -> GPU):   in 1   in 2   in 3 ...
+        compute stream:                 step 1  step 2  step 3 ...
+        down stream (GPU -> host):              out 1   out 2  ...
+
+    Events order the three streams: a step waits for its moments' arrival (an event recorded on
+    the up stream), a return trip waits for its step. record_stream tells PyTorch's caching
+    allocator which streams use a tensor, so that its memory is reused only after all of them are
+    done with it. And the CPU, which would otherwise queue every tensor's trip at once (and
+    allocate all the moments on the GPU), waits before it asks for tensor i + 1's moments until
+    tensor i - 1's are home, and tensor i's too when the two would not fit in the room of the
+    biggest tensor's moments: the GPU holds no more of the moments than the biggest tensor's
+    (8 bytes per parameter of the embedding), while it works through what is queued.
+    For the copies to be asynchronous, the host buffers must be page-locked: pinned_empty
+    registers them with CUDA, and torch then treats them as pinned (is_pinned() is True)."""
+    compute = torch.cuda.current_stream()
+    up, down = _copy_streams()
+    todo = [(group, p) for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    arrived, home = [None] * len(todo), [None] * len(todo)
+
+    def bring_in(i):
+        state = inner.state[todo[i][1]]
+        for k in MOMENTS:
+            if k in state and not state[k].is_cuda:           # absent before the first step
+                with torch.cuda.stream(up):                   # the GPU copy is allocated and filled on `up`
+                    gpu = state[k].to(compute.device, non_blocking=True)
+                gpu.record_stream(compute)                    # its memory is reused only when the step is done too
+                state[k] = gpu
+        arrived[i] = up.record_event()
+
+    def send_home(i):
+        p = todo[i][1]
+        state = inner.state[p]
+        down.wait_stream(compute)                             # after this tensor's step
+        for k in MOMENTS:
+            gpu, host = state[k], getattr(p, "_host_" + k)
+            with torch.cuda.stream(down):
+                host.copy_(gpu, non_blocking=True)
+            gpu.record_stream(down)                           # not reused before the copy has read it
+            state[k] = host
+        home[i] = down.record_event()
+
+    room = max((p.numel() for _, p in todo), default=0)  # the biggest tensor's moments: all the GPU holds of them
+    groups = inner.param_groups
+    try:
+        if todo:
+            bring_in(0)
+        for i, (group, p) in enumerate(todo):
+            compute.wait_event(arrived[i])
+            inner.param_groups = [dict(group, params=[p])]
+            adam_step()
+            send_home(i)
+            if i + 1 < len(todo):
+                if i >= 1:
+                    home[i - 1].synchronize()
+                if p.numel() + todo[i + 1][1].numel() > room:
+                    home[i].synchronize()                 # no room for both: the next waits
+                bring_in(i + 1)
+    finally:
+        inner.param_groups = groups
+    torch.cuda.synchronize()             # the moments are home before anyone reads them
+
+
+@functools.cache
+def _copy_streams():
+    """The two side streams of streamed_adam_step, made once."""
+    return torch.cuda.Stream(), torch.cuda.Stream()
 
 
 def apply_weight_decay_multipliers(optimizer, weight_decay):
@@ -1229,9 +1293,11 @@ def memory_plan(cfg, tp, pp, dp, s):
     shard = 1 / dp if s.distributed_optimizer else 1.0
     largest = cfg["vocab_size"] * h / tp                       # the embedding: AdamW's biggest tensor
     # The step's GPU state: fp32 master weights and both Adam moments (12 bytes per parameter; 4
-    # when the moments stay in host memory), AdamW's temporaries of one tensor at a time, and with
+    # when the moments stay in host memory, plus those on their way, which streamed_adam_step
+    # keeps within the biggest tensor's), AdamW's temporaries of one tensor at a time, and with
     # bf16 grads megatron's fp32 copy of this rank's gradient shard.
-    step_state = (12 if s.adam_moments == "gpu" else 4) * P * shard + 3 * 4 * largest
+    moments = 12 * P * shard if s.adam_moments == "gpu" else 4 * P * shard + 8 * largest
+    step_state = moments + 3 * 4 * largest
     parts = {
         "params": 2 * P,
         "grads": (4 if s.grad_reduce_dtype == "fp32" else 2) * P,
@@ -2432,7 +2498,7 @@ def progress_line(m):
     for key, fmt in (("reward", "reward {:.3f}"), ("loss", "loss {:.4f}"), ("kl", "kl {:.4f}"),
                      ("clip_frac", "clip {:.3f}"), ("entropy", "entropy {:.3f}"),
                      ("logp_diff_vllm_megatron", "|logp diff| {:.4f}"), ("response_len_mean", "len {:.0f}"),
-                     ("grad_norm", "grad {:.3f}"), ("gpu_peak_train_gib", "peak {:.1f} GiB"),
+                     ("grad_norm", "grad {:.3g}"), ("gpu_peak_train_gib", "peak {:.1f} GiB"),
                      ("eval_accuracy", "eval_acc {:.3f}")):
         if key in m:
             parts.append(fmt.format(m[key]))
@@ -2490,6 +2556,15 @@ def benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx):
     dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
     fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
     ref_s = cuda_seconds(lambda: reference_logprobs(ref, batch, args))[1] if ref is not None else None
+    # ceiling 2's complement: the optimizer step alone, on that forward+backward's gradients (-sum
+    # logp: never zero, unlike the benchmark's own, where a random model rarely earns the toy
+    # reward and most groups carry no signal), and the largest change it makes to the fp32 master
+    # weights of the first and the last tensor: the update really moves the weights at this size.
+    masters = [p for inner in _torch_optimizers(optimizer) for g in inner.param_groups for p in g["params"]]
+    probes = [masters[0], masters[-1]] if masters else []
+    before = [p.detach().to("cpu", copy=True) for p in probes]
+    _, step_s_alone = cuda_seconds(lambda: optimizer_step(model, optimizer, args))
+    moved = max((float((p.detach().cpu() - b).abs().max()) for p, b in zip(probes, before)), default=0.0)
     step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
     plan = plan_and_pick_defaults(args, convert.qwen_config(args.benchmark), ctx["dp"], torch.cuda.mem_get_info()[1])
     report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp, "prompts": args.prompts_per_step,
@@ -2498,7 +2573,9 @@ def benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx):
               "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
               "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
               "ceiling_vllm_tokens_per_s": vllm_tps, "vllm_seeded_tokens_per_s": seeded_tps,
-              "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps,
+              "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps, "megatron_fwd_bwd_s": fb_s,
+              "optimizer_step_alone_s": step_s_alone, "optimizer_step_max_weight_change": moved,
+              "grad_norms": [m.get("grad_norm") for m in history],
               "gpu_peak_train_gib": max(m.get("gpu_peak_train_gib", 0.0) for m in history),
               "gpu_used_rollout_gib": max(m["gpu_used_rollout_gib"] for m in history),
               "plan_train_gib": plan["train_peak"] / 2**30, "plan_rollout_gib": plan["rollout_peak"] / 2**30,
@@ -2525,7 +2602,9 @@ def benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx):
               f"{report['kv_cache_tokens']} tokens; preemptions per rollout {report['vllm_preemptions_per_step']} "
               f"(plain vLLM {plain_preemptions}); plain vLLM with a seed per request {seeded_tps:,.0f} tok/s")
         print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
-              f"forward+backward {fb_tps:,.0f} tok/s")
+              f"forward+backward {fb_tps:,.0f} tok/s ({fb_s:.2f} s); optimizer step alone {step_s_alone:.2f} s, "
+              f"largest change of a master weight {moved:.3g}; grad norms of the steps "
+              + " ".join(f"{g:.3g}" for g in report["grad_norms"] if g is not None))
         print(f"  GPU memory: train peak {report['gpu_peak_train_gib']:.1f} GiB (plan {report['plan_train_gib']:.1f}), "
               f"rollout {report['gpu_used_rollout_gib']:.1f} GiB (plan {report['plan_rollout_gib']:.1f}) "
               f"of {torch.cuda.mem_get_info()[1] / 2**30:.1f} GiB")
