@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from prepare import die, one_line_errors
+from prepare import UserError, die, one_line_errors  # noqa: F401 (UserError: convert.UserError)
 
 # megatron-core warns at import that Transformer Engine and Apex are missing: we build on its
 # local (pure PyTorch) spec on purpose, so the warnings say nothing to our users.
@@ -60,10 +60,6 @@ QWEN25 = {
 }
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-
-
-class UserError(Exception):
-    """Bad input from the user: main() prints it as one line and exits 1."""
 
 
 # The RoPE base transformers' Qwen2Config takes when config.json names none
@@ -670,6 +666,33 @@ def megatron_on_cpu():
     # stage's copy of the embedding goes through `weight.data.cuda()` before the all-reduce that
     # fills it from the first stage. On the CPU it stays where it is.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def megatron_training_on_cpu():
+    """Let megatron-core 0.16.1 train with every tensor in CPU memory (--device cpu, and the tests).
+
+    megatron_on_cpu() covers building, loading and saving; training needs three things
+    more, each pointed at the CPU here, process-wide: the pipeline schedules and the optimizers
+    allocate their flags with torch.zeros / tensor / empty / ones(..., device="cuda"); the
+    mixed-precision and distributed optimizers accept only params whose type() names a
+    torch.cuda tensor type; and Megatron's RNG tracker would seed CUDA generators (the inference
+    tracker needs none; our models have no dropout).
+    """
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    megatron_on_cpu()
+    for fn in ("zeros", "tensor", "empty", "ones"):
+        def on_cpu(*a, _f=getattr(torch, fn), **k):
+            if str(k.get("device", "")).startswith("cuda"):
+                k["device"] = "cpu"
+            return _f(*a, **k)
+        setattr(torch, fn, on_cpu)
+    cpu_type = torch.Tensor.type
+
+    def cuda_type_name(self, *a, **k):
+        r = cpu_type(self, *a, **k)
+        return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
+    torch.Tensor.type = cuda_type_name
+    initialize_rng_tracker(inference_rng_tracker=True)
 
 
 def free_port():

@@ -13,7 +13,7 @@
     # the memory plan of a layout, without GPUs
     python grpo.py --memory-plan 7B --tp 2 --world-size 8 --gpu-gib 80
 
-One step, and what sits in GPU memory during each phase:
+One step, the phases of run()'s loop, and what sits in GPU memory during each:
 
     phase                          GPU memory holds
     1 rollout (vLLM generate)      Megatron bf16 params | vLLM weights + KV cache
@@ -22,26 +22,25 @@ One step, and what sits in GPU memory during each phase:
     4 ref / old log-probs          + grads; the reference model visits the GPU for its forward
     5 policy update                + activations of one micro batch, then the optimizer state
                                    (back from host memory) for optimizer.step()
-    6 weight sync                  optimizer state and grads go back to CPU; vLLM weights wake,
+    6 offload, weight sync         optimizer state and grads go back to CPU; vLLM weights wake,
                                    Megatron -> vLLM one tensor at a time; then the KV cache wakes
-    7 log (and evaluate)
+    7 check, evaluate, log         (the vLLM-vs-Megatron log-prob tripwire)
 
 Why this choreography: the KV cache and the optimizer state (12 bytes per parameter: fp32 master
 weights + two Adam moments) do not both fit next to the weights on one GPU for the larger models,
-and neither is needed while the other works. Grads are freed (DDP `offload_grad_buffers`), the
-optimizer state is copied to pinned host buffers (`offload_trainer`), vLLM sleeps between
-rollouts; we size vLLM's memory share from what is free *after* the trainer's state has gone to
-CPU, so both always fit. `memory_plan` adds it all up before anything is allocated.
+and neither is needed while the other works. Grads are freed, the optimizer state goes to pinned
+host buffers, vLLM sleeps between rollouts, and vLLM's share is sized from what is free *after*
+the trainer's state has left, so both always fit. memory.py plans it all before anything is
+allocated and holds the moves; bench.py is --benchmark's report.
+
+Reading order: the GRPO math, then run() (the loop, one call or block per phase above), then the
+phases' functions in the loop's order; set-up, checkpoints, logging and the flags come last.
 """
 import argparse
 import contextlib
-import functools
 import hashlib
-import importlib
-import inspect
 import json
 import os
-import pickle
 import random
 import sys
 import time
@@ -57,9 +56,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import bench  # noqa: E402
 import convert  # noqa: E402
+import memory  # noqa: E402
 import prepare  # noqa: E402
 from convert import UserError  # noqa: E402
+from memory import GIB  # noqa: E402
 
 
 # ==============================================================================================
@@ -298,1363 +300,215 @@ def rollout_seed(seed, step, stream=0, index=0):
 
 
 # ==============================================================================================
-# Batches: rows of prompt + response, right-padded, and the per-token tensors that go with them
+# run(): the set-up, then the loop, one call or block per phase
 # ==============================================================================================
-def make_batch(samples, pad_id=0):
-    """Stack samples into the tensors one training step reads.
-
-    Row b is prompt + response, right-padded. Position t's logits predict token t+1, so the
-    per-token tensors are aligned with *inputs*: targets[b, t] = tokens[b, t+1], and
-    mask[b, t] = 1 exactly where that target is a response token (times the sample's "in_loss",
-    0 for an answer filtered out of the loss, e.g. by --overlong-filter).
-    Right padding needs no attention mask: attention is causal, so no real token sees a pad.
-
-    samples: list of dicts with prompt_ids, response_ids, advantage, rollout_logps (per response
-    token, or None where vLLM was not asked for them), optional in_loss (default 1)
-    -> tokens, targets, mask, rollout_logp: [B, L];  advantages, lengths, has_rollout_logp: [B]
-    Example: prompt [5, 6], response [7, 8] -> tokens [5, 6, 7, 8], targets [6, 7, 8, pad],
-             mask [0, 1, 1, 0]: logits at 6 score 7, logits at 7 score 8.
-    """
-    L = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
-    B = len(samples)
-    tokens = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.float32)
-    rollout_logp = torch.zeros((B, L), dtype=torch.float32)
-    has_rollout_logp = torch.zeros(B, dtype=torch.float32)
-    for b, s in enumerate(samples):
-        p, r = len(s["prompt_ids"]), len(s["response_ids"])
-        tokens[b, :p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"])
-        mask[b, p - 1:p + r - 1] = float(s.get("in_loss", 1))
-        if s.get("rollout_logps") is not None:
-            rollout_logp[b, p - 1:p + r - 1] = torch.tensor(s["rollout_logps"], dtype=torch.float32)
-            has_rollout_logp[b] = 1
-    targets = torch.roll(tokens, -1, dims=1)
-    targets[:, -1] = pad_id
-    advantages = torch.tensor([s.get("advantage", 0.0) for s in samples], dtype=torch.float32)
-    lengths = torch.tensor([len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples])
-    return {"tokens": tokens, "targets": targets, "mask": mask, "rollout_logp": rollout_logp,
-            "advantages": advantages, "lengths": lengths, "has_rollout_logp": has_rollout_logp}
-
-
-def select_rows(batch, rows):
-    """The sub-batch of the given row indices (every tensor of the batch, row-wise)."""
-    idx = torch.as_tensor(rows, dtype=torch.long)
-    return {k: v[idx] for k, v in batch.items()}
-
-
-def micro_batches(batch, max_tokens):
-    """Cut a batch into micro batches of at most `max_tokens` (rows x padded length), rows sorted
-    by length and each micro batch trimmed to its longest row: response lengths vary from tens to
-    thousands of tokens, and a row padded to the batch's longest would mostly compute padding.
-    Returns a list of (row indices, micro batch dict)."""
-    lengths = batch["lengths"]
-    order = torch.argsort(lengths, descending=True).tolist()
-    out, cur = [], []
-    for i in order:
-        longest = int(lengths[cur[0]]) if cur else int(lengths[i])
-        if cur and (len(cur) + 1) * longest > max_tokens:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    result = []
-    for rows in out:
-        L = int(lengths[rows[0]])
-        idx = torch.tensor(rows)
-        result.append((rows, {k: (v[idx, :L] if v.dim() == 2 else v[idx]) for k, v in batch.items()}))
-    return result
-
-
-def mini_batch_rows(num_rows, num_mini_batches, rng):
-    """Shuffled row indices cut into `num_mini_batches` near-equal parts, one optimizer step each
-    (verl's ppo_mini_batch_size, TRL's steps per generation). Rows, never tokens, are split, so
-    each mini-batch's loss is the exact token mean (or chosen mean) of its own rows.
-    Example: 5 rows, 2 mini-batches -> e.g. [[3, 0, 4], [1, 2]]"""
-    order = list(range(num_rows))
-    rng.shuffle(order)
-    k = min(num_mini_batches, num_rows)
-    return [order[num_rows * i // k:num_rows * (i + 1) // k] for i in range(k)]
-
-
-# ==============================================================================================
-# Megatron: model, optimizer, log-probs, one update
-# ==============================================================================================
-def megatron_training_on_cpu():
-    """Let megatron-core 0.16.1 train with every tensor in CPU memory (--device cpu, and the tests).
-
-    convert.megatron_on_cpu() covers building, loading and saving; training needs three things
-    more, each pointed at the CPU here, process-wide: the pipeline schedules and the optimizers
-    allocate their flags with torch.zeros / tensor / empty / ones(..., device="cuda"); the
-    mixed-precision and distributed optimizers accept only params whose type() names a
-    torch.cuda tensor type; and Megatron's RNG tracker would seed CUDA generators (the inference
-    tracker needs none; our models have no dropout).
-    """
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-    convert.megatron_on_cpu()
-    for fn in ("zeros", "tensor", "empty", "ones"):
-        def on_cpu(*a, _f=getattr(torch, fn), **k):
-            if str(k.get("device", "")).startswith("cuda"):
-                k["device"] = "cpu"
-            return _f(*a, **k)
-        setattr(torch, fn, on_cpu)
-    cpu_type = torch.Tensor.type
-
-    def cuda_type_name(self, *a, **k):
-        r = cpu_type(self, *a, **k)
-        return r.replace("torch.", "torch.cuda.", 1) if not a and not k and not self.is_cuda else r
-    torch.Tensor.type = cuda_type_name
-    initialize_rng_tracker(inference_rng_tracker=True)
+def run(args):
+    """The whole run: set-up, then the steps, each phase of the map at the top of this file one
+    call or block of the loop. The phases' functions follow below in the same order; set-up,
+    checkpoints and logging come after them."""
+    cfg, engines, dp = check_run(args)                  # all checked before anything starts
+    start_device(args, cfg, dp)
+    ctx = load_prompts(args, cfg, engines, dp)
+    model, optimizer = build_trainer(cfg, args, ctx["dtype"], args.device)
+    ref = build_reference(cfg, args, model, ctx["dtype"])
+    resume(ctx, model, optimizer)
+    with phase(ctx, 0, "start vLLM", timed=False):
+        memory.offload_trainer(model, optimizer)        # vLLM is sized from what is free after this
+        ctx["engine"] = engine = create_engine(args, cfg)
+        sync_weights(model, engine, cfg)
+    log = start_logging(ctx, cfg)
+    if args.eval_interval and ctx["test"] and ctx["start"] == 1:        # the accuracy before any training
+        m = {"step": 0}
+        with phase(ctx, 0, "evaluation", timed=False):
+            evaluate(ctx, 0, m)
+        log(m)
+    from tqdm import tqdm
+    for step in tqdm(range(ctx["start"], args.steps + 1), desc="grpo", unit="step", disable=ctx["rank"] != 0,
+                     file=sys.stderr):
+        m, ctx["times"] = {"step": step}, {}
+        ctx["history"].append(m)
+        # ---- 1-2. rollout and rewards (vLLM awake), then vLLM sleeps ---------------------------------
+        samples = rollout(ctx, step, m)
+        with phase(ctx, step, "sleep"):
+            engine.sleep(level=args.sleep_level)
+        # ---- 3. group advantages, this DP rank's share -----------------------------------------------
+        batch = prepare_batch(ctx, samples, m)
+        if batch is not None:
+            with train_memory_gauge(ctx, m):
+                # ---- 4. old and reference log-probs ----------------------------------------------
+                with phase(ctx, step, "restore"):
+                    memory.restore_grads(model)
+                if needs_old_logp_pass(args):
+                    with phase(ctx, step, "old_logp"):
+                        batch["old_logp"] = compute_logprobs(model, batch, args)
+                measure_kl = ref is not None and (args.kl_coef > 0 or step % args.kl_log_interval == 0)
+                if measure_kl:
+                    with phase(ctx, step, "ref_logp"):
+                        batch["ref_logp"] = reference_logprobs(ref, batch, args)
+                # ---- 5. policy update (and checkpoint) ---------------------------------------------
+                with phase(ctx, step, "update"):
+                    stats = train_on_batch(model, optimizer, batch, args, shuffle_rng(args, step))
+            m.update(step_metrics(reduce_stats(stats, ctx), stats, measure_kl))
+            if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
+                with phase(ctx, step, "save"):
+                    save_checkpoint(ctx["ckpt_root"], step, model, optimizer, cfg, train_state(ctx, m), args.keep_last)
+        # ---- 6. offload the trainer, vLLM wakes, weight sync -----------------------------------------
+        with phase(ctx, step, "offload"):
+            memory.offload_trainer(model, optimizer)
+        if ctx["gpu"]:
+            m["gpu_free_before_wake_gib"] = torch.cuda.mem_get_info()[0] / GIB
+        with phase(ctx, step, "wake"):
+            engine.wake_up(tags=["weights"])
+        with phase(ctx, step, "sync"):
+            sync_weights(model, engine, cfg)
+        with phase(ctx, step, "wake"):
+            engine.wake_up(tags=["kv_cache", "scheduling"])
+        # ---- 7. the tripwire, evaluation, log ----------------------------------------------------------
+        if "logp_diff" in m:
+            ctx["diffs"].append(m["logp_diff"])
+            check_logp_diff(ctx["diffs"], args, ctx["rank"])
+        if args.eval_interval and ctx["test"] and step % args.eval_interval == 0:
+            with phase(ctx, step, "evaluation", timed=False):
+                evaluate(ctx, step, m)
+        log(m)
+    if args.benchmark:
+        bench.report(args, ctx, engine, model, optimizer, ref, batch)
+    else:
+        save_final(ctx, model, cfg)
+        del engine, ctx["engine"]                       # vLLM ends before the process groups it uses
+    convert.shutdown_distributed()
 
 
-# The memory flags on the CPU, where no plan picks them: the fastest settings (a GPU with room to
-# spare gets the same from the plan). The others (--adam-moments host, bf16 gradients) only save
-# GPU memory.
-CPU_MEMORY_SETTINGS = {"micro_batch_tokens": 8192, "logits_chunk_tokens": 0, "recompute": "none",
-                       "grad_reduce_dtype": "fp32", "adam_moments": "gpu"}
-
-
-def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
-    """Policy (DDP-wrapped GPTModel, loaded from args.load) and Megatron's (distributed) Adam.
-
-    The checkpoint is loaded *before* the optimizer is built: a mixed-precision optimizer copies
-    the bf16 weights into its fp32 master weights when it is created and writes those back after
-    every step, so weights loaded later would be replaced by the random init at the first step.
-    """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    # calculate_per_token_loss: the loss function returns (sum, normaliser); Megatron sums both
-    # over micro batches and DP ranks and divides once -> an exact mean over the whole batch.
-    config = convert.transformer_config(
-        cfg, dtype, args.tp, args.pp, use_cpu_initialization=device == "cpu", perform_initialization=True,
-        calculate_per_token_loss=True, variable_seq_lengths=args.pp > 1, **recompute_settings(args.recompute))
-    model = convert.build_model(cfg, config)
-    if device != "cpu":
-        model.cuda()
-    if args.load:                  # None in --benchmark: random weights
-        convert.load_mcore(model, args.load)
-    # bf16 gradient reduction halves the grad buffer (2 instead of 4 bytes per parameter); the
-    # optimizer still accumulates in fp32 master weights. Sums over many DP ranks lose a little
-    # precision, which is why fp32 stays the default where memory allows.
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.grad_reduce_dtype == "fp32", use_distributed_optimizer=args.distributed_optimizer,
-        average_in_collective=False, overlap_grad_reduce=False)
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    # Without finalize_model_grads no gradient is ever reduced over data-parallel ranks, and it is
-    # what divides by the global normaliser.
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2, adam_eps=1e-8, clip_grad=args.grad_clip, bf16=dtype == torch.bfloat16,
-        params_dtype=dtype, use_distributed_optimizer=args.distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_config, [ddp])
-    apply_weight_decay_multipliers(optimizer, args.weight_decay)
-    for inner in _torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            # torch's default "foreach" AdamW computes each step's temporaries for all parameters
-            # at once (4 more bytes per parameter at the step's peak); one tensor at a time they
-            # are the size of the largest tensor, for a few milliseconds more per step.
-            group["foreach"] = False
-    if args.adam_moments == "host":
-        t0 = time.time()
-        stream_adam_moments(optimizer)
-        log0(f"Adam's moments: {sum(p.numel() for p in _optimizer_tensors(optimizer)) * 8 / 2**30:.1f} GiB of "
-             f"pinned host memory in {time.time() - t0:.0f}s")
-    return ddp, optimizer
-
-
-def recompute_settings(recompute):
-    """TransformerConfig fields for --recompute. "full": every layer keeps only its input and
-    recomputes its forward during the backward (one layer per checkpoint): activations shrink
-    from tens of KB per token and layer to the hidden state alone, for about one extra forward
-    (a third more compute in the update)."""
-    if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    return {}
-
-
-def stream_adam_moments(optimizer):
-    """--adam-moments host: Adam's two moments (8 of the 12 bytes per parameter of optimizer state)
-    live in pinned host memory for good and visit the GPU one tensor at a time, during that
-    tensor's own update in optimizer.step(). The step then needs the fp32 master weights on the
-    GPU and the moments of a few tensors: the lever for models whose weights, gradients and
-    optimizer state alone nearly fill a GPU (Qwen2.5-7B on one 141 GB GPU).
-
-    Megatron's own HybridDeviceOptimizer, which runs Adam on the CPU instead, needs Transformer
-    Engine's precision-aware optimizer in megatron-core 0.16.1, which this project does without.
-    Here the inner torch AdamW steps one tensor at a time (its param_groups narrowed to that
-    tensor, its state shared) and streamed_adam_step moves the moments around each call.
-
-    The host buffers are allocated and page-locked here, once, before the first step: pinning
-    fresh memory makes the kernel fault in and lock every page (tens of seconds for 7B's 61 GB),
-    which would otherwise land in the first update's time."""
-    for inner in _torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            for p in group["params"]:
-                for k in MOMENTS:
-                    setattr(p, "_host_" + k, pinned_empty(p.shape, p.dtype))
-        inner.step = functools.partial(streamed_adam_step, inner, inner.step)
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def streamed_adam_step(inner, adam_step, closure=None):
-    """AdamW one tensor at a time, its moments brought from host memory just before and sent back
-    just after, on two copy streams of their own, so that the PCIe trip (16 bytes per parameter,
-    both ways) runs while the GPU computes and in both directions at once:
-
-        up stream (host -> GPU):   in 1   in 2   in 3 ...
-        compute stream:                 step 1  step 2  step 3 ...
-        down stream (GPU -> host):              out 1   out 2  ...
-
-    Events order the three streams: a step waits for its moments' arrival (an event recorded on
-    the up stream), a return trip waits for its step. record_stream tells PyTorch's caching
-    allocator which streams use a tensor, so that its memory is reused only after all of them are
-    done with it. And the CPU, which would otherwise queue every tensor's trip at once (and
-    allocate all the moments on the GPU), waits before it asks for tensor i + 1's moments until
-    tensor i - 1's are home, and tensor i's too when the two would not fit in the room of the
-    biggest tensor's moments: the GPU holds no more of the moments than the biggest tensor's
-    (8 bytes per parameter of the embedding), while it works through what is queued.
-    For the copies to be asynchronous, the host buffers must be page-locked: pinned_empty
-    registers them with CUDA, and torch then treats them as pinned (is_pinned() is True)."""
-    compute = torch.cuda.current_stream()
-    up, down = _copy_streams()
-    todo = [(group, p) for group in inner.param_groups for p in group["params"] if p.grad is not None]
-    arrived, home = [None] * len(todo), [None] * len(todo)
-
-    def bring_in(i):
-        state = inner.state[todo[i][1]]
-        for k in MOMENTS:
-            if k in state and not state[k].is_cuda:           # absent before the first step
-                with torch.cuda.stream(up):                   # the GPU copy is allocated and filled on `up`
-                    gpu = state[k].to(compute.device, non_blocking=True)
-                gpu.record_stream(compute)                    # its memory is reused only when the step is done too
-                state[k] = gpu
-        arrived[i] = up.record_event()
-
-    def send_home(i):
-        p = todo[i][1]
-        state = inner.state[p]
-        down.wait_stream(compute)                             # after this tensor's step
-        for k in MOMENTS:
-            gpu, host = state[k], getattr(p, "_host_" + k)
-            with torch.cuda.stream(down):
-                host.copy_(gpu, non_blocking=True)
-            gpu.record_stream(down)                           # not reused before the copy has read it
-            state[k] = host
-        home[i] = down.record_event()
-
-    room = max((p.numel() for _, p in todo), default=0)  # the biggest tensor's moments: all the GPU holds of them
-    groups = inner.param_groups
+@contextlib.contextmanager
+def phase(ctx, step, name, timed=True):
+    """One phase of a step: named (--trace prints it on every rank, to find the collective a hang
+    waits in), timed (its wall seconds, its GPU work included, add up in ctx["times"][name],
+    logged as time_<name>) and, if the GPU runs out of memory in it, stopped with one line naming
+    the phase and the flags that lower its memory (memory.out_of_memory_hint)."""
+    if ctx["args"].trace:
+        print(f"[rank {dist.get_rank()}] step {step}: {name}", flush=True)
+    t = time.time()
     try:
-        if todo:
-            bring_in(0)
-        for i, (group, p) in enumerate(todo):
-            compute.wait_event(arrived[i])
-            inner.param_groups = [dict(group, params=[p])]
-            adam_step()
-            send_home(i)
-            if i + 1 < len(todo):
-                if i >= 1:
-                    home[i - 1].synchronize()
-                if p.numel() + todo[i + 1][1].numel() > room:
-                    home[i].synchronize()                 # no room for both: the next waits
-                bring_in(i + 1)
-    finally:
-        inner.param_groups = groups
-    torch.cuda.synchronize()             # the moments are home before anyone reads them
+        yield
+        if ctx["gpu"]:
+            torch.cuda.synchronize()
+    except Exception as e:
+        hint = memory.out_of_memory_hint(e, name)
+        if hint is None:
+            raise
+        raise hint from None
+    if timed:
+        ctx["times"][name] = ctx["times"].get(name, 0.0) + time.time() - t
 
 
-@functools.cache
-def _copy_streams():
-    """The two side streams of streamed_adam_step, made once."""
-    return torch.cuda.Stream(), torch.cuda.Stream()
-
-
-def apply_weight_decay_multipliers(optimizer, weight_decay):
-    """Norm weights and biases are not decayed: get_megatron_optimizer puts them in param groups
-    with wd_mult 0, but only Megatron-LM's OptimizerParamScheduler ever multiplies it in; we run
-    without one, so without this every group would decay by the full weight_decay — pulling
-    RMSNorm gains toward 0 and the qkv biases with them."""
-    for inner in _torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
-
-
-def token_logprobs(logits, targets, temperature):
-    """log pi(target) per position, for any TP: logits are vocab-sharded [..., V/tp] and
-    vocab_parallel_cross_entropy does the softmax across the shards. Temperature divides the
-    logits exactly as vLLM's sampler does, so the two sides measure the same distribution.
-    logits [..., V/tp], targets [...] -> [...]"""
-    from megatron.core import tensor_parallel
-    # The cross entropy upcasts a bf16 input itself and then works in place on that fp32 copy, so
-    # at T = 1 bf16 logits go in as they are: one fp32 copy of the logits less. fp32 logits must
-    # be copied, or the in-place work would overwrite the model's output.
-    if temperature != 1.0 or logits.dtype == torch.float32:
-        logits = logits.float() / temperature
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
-
-
-def vocab_parallel_entropy(logits):
-    """Entropy of softmax(logits) per position, the vocabulary sharded over TP (no gradient):
-
-        H = log Z - sum_v p_v z_v,   log Z = m + log sum_v exp(z_v - m)
-
-    Three sums over the shards (max, sum of exp, sum of p*z) make it exact for any TP.
-    logits [..., V/tp] -> [...]"""
-    from megatron.core import parallel_state as ps
-    group = ps.get_tensor_model_parallel_group()
-    z = logits.float()
-    m = z.max(dim=-1, keepdim=True).values
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    e = torch.exp(z - m)
-    sums = torch.stack([e.sum(dim=-1), (e * z).sum(dim=-1)])
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sums, group=group)
-    return m.squeeze(-1) + sums[0].log() - sums[1] / sums[0]
-
-
-def forward_hidden(model, tokens, position_ids):
-    """GPTModel's forward up to, not including, its output layer: the final-normed hidden states
-    [b, s, h] (on the last pipeline stage; other stages return what they send on).
-
-    GPTModel would multiply them by the [V/tp, h] output matrix at once: for a micro batch of
-    8192 tokens and Qwen's 151936-token vocabulary that is 2.5 GB of bf16 logits, plus the
-    cross entropy's fp32 copy and the same again for their gradient. `chunked_logprobs` does the
-    projection a chunk of tokens at a time instead. For this one call the output layer hands its
-    input back unchanged (an instance attribute shadows the class's forward)."""
-    gpt = _gpt(model)
-    head = gpt.output_layer if gpt.post_process else None
-    if head is not None:
-        head.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
-    try:
-        return model(tokens, position_ids, None)
-    finally:
-        if head is not None:
-            del head.forward
-
-
-def _gpt(model):
-    """The GPTModel inside Megatron's DDP wrapper (the reference model has none)."""
-    return getattr(model, "module", model)
-
-
-def chunked_logprobs(model, hidden, targets, temperature, chunk_tokens, entropy_out=None):
-    """log pi(target) per position from the final hidden states, `chunk_tokens` tokens at a time.
-
-    Each chunk runs the output layer and the cross entropy under activation checkpointing, so
-    only one chunk's logits exist at a time in the forward, and the backward recomputes them one
-    chunk at a time: the [tokens, vocabulary] logits are never whole. The price is one more
-    output-layer matmul per token in the backward. chunk_tokens 0: one chunk.
-    With `entropy_out` (a list), the policy's entropy per position is appended (no gradient).
-    hidden [b, s, h], targets [b, s] -> [b, s]
-    """
-    from torch.utils.checkpoint import checkpoint
-    gpt = _gpt(model)
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-    b, s, h = hidden.shape
-    flat_h = hidden.reshape(b * s, 1, h)              # the output layer reads [tokens, batch, h]
-    flat_t = targets.reshape(b * s, 1)
-    chunk = chunk_tokens or b * s
-
-    def head_logprobs(hc, tc):
-        logits, _ = gpt.output_layer(hc, weight=weight)  # [c, 1, V/tp]
-        if entropy_out is not None and not _recomputing[0]:
-            with torch.no_grad():
-                entropy_out.append(vocab_parallel_entropy(logits.detach() / temperature).reshape(-1))
-        return token_logprobs(logits, tc, temperature)
-
+# ==============================================================================================
+# 1. Rollout: the prompts of the step, generated by the engine of each TP group
+# ==============================================================================================
+def take_prompts(state, k, seed):
+    """The next k indices of the shuffled prompt order; a fresh shuffle (a new epoch) when it runs
+    out, so no prompt is skipped. state: {"order", "cursor", "epoch"}, saved with checkpoints."""
     out = []
-    for i in range(0, b * s, chunk):
-        hc, tc = flat_h[i:i + chunk], flat_t[i:i + chunk]
-        if torch.is_grad_enabled() and chunk < b * s:
-            out.append(checkpoint(_once(head_logprobs), hc, tc, use_reentrant=False))
-        else:
-            out.append(head_logprobs(hc, tc))
-    logp = torch.cat(out).reshape(b, s)
-    if entropy_out is not None and entropy_out:
-        entropy_out[:] = [torch.cat(entropy_out).reshape(b, s)]
-    return logp
-
-
-_recomputing = [False]
-
-
-def _once(fn):
-    """fn for torch.utils.checkpoint, flagging its second call (the recompute in the backward) so
-    that side work done in the forward, such as the entropy, is not done twice."""
-    calls = [0]
-
-    def wrapped(*a):
-        calls[0] += 1
-        _recomputing[0] = calls[0] > 1
-        try:
-            return fn(*a)
-        finally:
-            _recomputing[0] = False
-    return wrapped
-
-
-def _run_micro_batches(model, mbs, loss_fn, forward_only, args, entropy=False):
-    """Megatron's pipeline schedule over our micro batches; returns the loss_fn results (last
-    stage). On the last stage the schedule's "output tensor" is the per-token log-prob [b, s]
-    (and the entropy, when asked): loss_fn(logp, ent, mb) turns it into the loss."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    device = next(model.parameters()).device
-    last = _gpt(model).post_process
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        tokens = mb["tokens"]
-        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        out = forward_hidden(model, tokens, position_ids)   # [b, s, h] on the last stage
-        if not last:
-            return out, None
-        ent = [] if entropy else None
-        logp = chunked_logprobs(model, out, mb["targets"], args.temperature, args.logits_chunk_tokens, ent)
-        return logp, lambda lp: loss_fn(lp, ent[0] if ent else None, mb)
-    L = max(mb["tokens"].shape[1] for mb in mbs)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),
-        seq_length=L, micro_batch_size=max(mb["tokens"].shape[0] for mb in mbs), forward_only=forward_only)
-
-
-def compute_logprobs(model, batch, args):
-    """Per-token log-probs of the batch under `model` (no grad), [B, L], on the last PP stage.
-
-    Computed by Megatron, not taken from vLLM: the ratio logp/old_logp must compare the same
-    numerics, or kernel differences between the engines would look like policy change and get
-    clipped. Under no_grad, not inference_mode: Megatron's rotary embedding caches tensors,
-    and inference-mode tensors in that cache break the backward pass later.
-    """
-    from megatron.core import parallel_state as ps
-    B, Lmax = batch["tokens"].shape
-    out = torch.zeros(B, Lmax)
-    mbs = micro_batches(batch, args.micro_batch_tokens)
-
-    def loss_fn(logp, _ent, mb):
-        return logp.sum() * 0, torch.tensor(1, dtype=torch.int, device=logp.device), {"logp": logp.detach()}
-    model.eval()
-    with torch.no_grad():
-        res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, True, args)
-    model.train()
-    if ps.is_pipeline_last_stage():
-        for (rows, mb), r in zip(mbs, res):
-            out[torch.tensor(rows), :r["logp"].shape[1]] = r["logp"].float().cpu()
+    while len(out) < k:
+        if state["cursor"] >= len(state["order"]):
+            state["epoch"] += 1
+            random.Random(seed + state["epoch"]).shuffle(state["order"])
+            state["cursor"] = 0
+        take = state["order"][state["cursor"]:state["cursor"] + k - len(out)]
+        state["cursor"] += len(take)
+        out += take
     return out
 
 
-def norm_len(args):
-    """Dr. GRPO's constant normaliser: the response budget of a prompt of the longest allowed length."""
-    return args.max_len - (args.toy_prompt_len if args.toy_token is not None else args.max_prompt_len)
+def rollout(ctx, step, m):
+    """Phases 1-2: generate and score; with --filter-groups, keep only the groups whose rewards
+    differ and roll out more prompts until the step has --prompts-per-step of them (or
+    --filter-max-rounds is reached). Returns the samples to train on, on every rank."""
+    args = ctx["args"]
+    kept, seen, rounds, timeouts, preempted = [], [], 0, 0, ctx["engine"].counter("vllm:num_preemptions")
+    n = args.n_samples_per_prompt
+    while rounds < (args.filter_max_rounds if args.filter_groups else 1):
+        prompts = [ctx["train"][i] for i in take_prompts(ctx["data_state"], args.prompts_per_step, args.seed)]
+        samples, t = rollout_round(ctx, prompts, step, rounds)
+        rounds, timeouts, seen = rounds + 1, timeouts + t, seen + samples
+        shape_rewards(samples, args)
+        kept += keep_informative(samples, n) if args.filter_groups else samples
+        if len(kept) >= args.prompts_per_step * n:
+            break
+    groups = min(len(kept) // n, args.prompts_per_step) // ctx["dp"] * ctx["dp"]   # whole groups per DP rank
+    kept = kept[:groups * n]
+    scores = torch.tensor([s["score"] for s in seen])
+    lengths = [len(s["response_ids"]) for s in seen]
+    # over every sample rolled out in the step, also those of the groups --filter-groups dropped
+    m.update({"reward": sum(s["reward"] for s in seen) / len(seen), "score": float(scores.mean()),
+              "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+              "accuracy": share_correct(seen),
+              "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
+              "generated_tokens": sum(lengths), "truncated_frac": sum(s["truncated"] for s in seen) / len(seen),
+              "reward_timeouts": timeouts, "rollout_digest": digest(seen)})
+    if args.filter_groups:
+        m.update({"filter_rounds": rounds, "filter_dropped_frac": 1 - len(kept) / len(seen),
+                  "filter_groups_trained": groups})
+    if preempted is not None:
+        m["vllm_preemptions"] = ctx["engine"].counter("vllm:num_preemptions") - preempted
+    if ctx["gpu"]:
+        m["gpu_used_rollout_gib"] = memory.gpu_used() / GIB
+    return kept
 
 
-def update_step(model, optimizer, batch, args):
-    """One optimizer step over `batch` (micro batches accumulate gradients). Returns stats
-    (sums over this DP rank's rows; reduced over DP by the caller).
-
-    Old log-probs: PPO's ratio compares the policy being updated with the one that sampled. With
-    one optimizer step per rollout batch (the default) the two are the same weights before that
-    step, so the "old" log-probs are exactly the log-probs this forward computes:
-    `logp.detach()`. The ratio is then 1 in value and its gradient is grad(logp), the policy
-    gradient; a separate forward would recompute the same numbers (up to kernel noise) at the
-    cost of a whole extra pass. With several steps per batch (or --old-logp-pass), batch["old_logp"]
-    comes from a forward before the first step.
-    The old log-probs are also compared with vLLM's log-probs of the same sampled tokens
-    (`logp_diff`): a stale or wrong weight sync, or two different models, show up there."""
-    from megatron.core import parallel_state as ps
-    mbs = micro_batches(batch, args.micro_batch_tokens)
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    use_ref, use_old = "ref_logp" in batch, "old_logp" in batch
-
-    def loss_fn(logp, ent, mb):
-        old = mb["old_logp"] if use_old else logp.detach()
-        weights, normaliser = loss_weights(mb["mask"], args.loss_agg, norm_len(args))
-        is_w = tis_weights(old, mb["rollout_logp"], args.tis_cap) if args.tis_cap else None
-        loss_sum, stats = policy_loss(logp, old, mb["advantages"], weights, args.clip_ratio_low, args.clip_ratio_high,
-                                      args.kl_coef, mb["ref_logp"] if use_ref else None, is_w, args.clip_ratio_c)
-        # old is the policy that sampled, as Megatron computes it: compared with vLLM's numbers
-        checked = mb["mask"] * mb["has_rollout_logp"].unsqueeze(1)
-        stats["logp_diff"] = masked_sum((old - mb["rollout_logp"]).abs(), checked)
-        stats["logp_diff_tokens"] = checked.sum()
-        if is_w is not None:
-            stats["tis_weight"] = masked_sum(is_w, (weights > 0).float())
-        if ent is not None:   # a token mean under every --loss-agg: a property of the policy, not of the loss
-            stats["entropy"] = masked_sum(ent, (weights > 0).float())
-        stats = {k: v.detach() for k, v in dict(stats, loss=loss_sum.detach(), normaliser=normaliser).items()}
-        return loss_sum, normaliser, stats
-    res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, False, args, entropy=True)
-    ok, grad_norm = optimizer_step(model, optimizer, args)
-    stats = {}
-    if ps.is_pipeline_last_stage():
-        for r in res:
-            for k, v in r.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
-    stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    stats["update_skipped"] = float(not ok)
-    return stats
+def rollout_round(ctx, prompts, step, rnd):
+    """Phase 1, one round: this engine generates its share of `prompts` and scores it; every rank
+    gets every engine's samples back (TP and PP peers of a DP rank must train on identical rows,
+    and PP stages rolled out different prompts), in the order of `prompts` whatever the number
+    of engines, with the samples of one prompt contiguous."""
+    args, engine = ctx["args"], ctx["engine"]
+    places = range(ctx["engine_index"], len(prompts), ctx["engines"])        # this engine's prompts: their places in the round
+    mine = [prompts[k] for k in places]
+    requests = [ctx["sampling"](*request, seed=rollout_seed(args.seed, step, 1 + rnd, k))
+                for k, request in zip(places, rollout_requests([p for p, _ in mine], args, rnd))]
+    with phase(ctx, step, "rollout"):
+        outs = engine.generate([p for p, _ in mine], requests)
+    samples = []
+    for k, (prompt_ids, truth), group_outs in zip(places, mine, outs):
+        for resp, lps, finish in group_outs:
+            samples.append({"prompt_ids": prompt_ids, "response_ids": resp, "rollout_logp": lps,
+                            "truncated": finish == "length", "truth": truth, "place": k,
+                            "budget": args.max_len - len(prompt_ids)})
+    timed_out = 0
+    with phase(ctx, step, "reward"):
+        if ctx["tp_rank"] == 0:                  # TP peers hold the same samples: score once
+            timed_out = score(samples, args, ctx["tokenizer"])
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (samples, timed_out) if ctx["tp_rank"] == 0 else ([], 0))
+    all_samples = sorted((s for g in gathered[::args.tp] for s in g[0]), key=lambda s: s["place"])   # stable
+    return all_samples, sum(g[1] for g in gathered)
 
 
-def optimizer_step(model, optimizer, args):
-    """optimizer.step(), with the optimizer state brought back from host memory just for it: the
-    forward/backward's activations are freed by now, so activations and the 12 bytes per
-    parameter of Adam state never sit on the GPU together."""
-    restore_optimizer(optimizer)
-    ok, grad_norm, _ = optimizer.step()
-    return ok, grad_norm
+def rollout_requests(prompts, args, rnd):
+    """(max new tokens, logprobs) of each prompt's request. Each prompt may be answered with what
+    is left of --max-len after it, as in the reference pipeline. vLLM's log-probs serve the
+    vLLM-vs-Megatron check (and --tis-cap): the loss takes Megatron's. They cost Python objects
+    per token in the thread that also schedules the GPU, so without --tis-cap only the first
+    prompt of an engine's share asks for them (logprobs=0: the sampled token's), in the first
+    round: its n samples are plenty to see a bad sync. --filter-groups drops a group whose
+    answers all score alike, log-probs and all, so there the first prompt of every round asks; a
+    step whose asking groups were all dropped has no check (no logp_diff).
+    Example: max_len 20, prompts of 3 and 10 tokens -> [(17, 0), (10, None)]"""
+    asks = rnd == 0 or args.filter_groups
+    return [(args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and asks)) else None)
+            for i, p in enumerate(prompts)]
 
 
-def train_on_batch(model, optimizer, batch, args, rng):
-    """--epochs passes over the batch, each cut into --mini-batches shuffled mini-batches, one
-    optimizer step per mini-batch (the GRPO paper's mu iterations; TRL's num_iterations, verl's
-    ppo_epochs and ppo_mini_batch_size). Stats are summed over all steps; grad_norm is the mean."""
-    total, norms, skipped = {}, [], 0.0
-    for epoch in range(args.epochs):
-        for k, rows in enumerate(mini_batch_rows(batch["tokens"].shape[0], args.mini_batches, rng)):
-            if epoch or k:               # the state goes back to host memory while activations live
-                offload_optimizer(optimizer)
-            s = update_step(model, optimizer, select_rows(batch, rows), args)
-            norms.append(s.pop("grad_norm"))
-            skipped += s.pop("update_skipped")
-            for k, v in s.items():
-                total[k] = total.get(k, 0.0) + v
-    total["grad_norm"] = sum(norms) / len(norms)
-    total["update_skipped"] = skipped
-    total["optimizer_steps"] = float(len(norms))
-    return total
-
-
-def _torch_optimizers(optimizer):
-    """The torch Adam instances inside Megatron's (chained) optimizer wrapper."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(opt, "optimizer", None) is not None:
-            yield opt.optimizer
-
-
-def _optimizer_tensors(optimizer):
-    """Every tensor the Megatron optimizer owns on the GPU: fp32 master weights and the Adam
-    moments (12 bytes per parameter, sharded over DP with the distributed optimizer)."""
-    for inner in _torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            yield from group["params"]
-        for state in inner.state.values():
-            yield from (v for v in state.values() if torch.is_tensor(v))
-
-
-def pinned_empty(shape, dtype):
-    """A page-locked host tensor of exactly this size, which PCIe copies fill at full speed and
-    without blocking. torch.empty(..., pin_memory=True) would round every allocation up to a power
-    of two (PyTorch's caching host allocator), nearly doubling the host memory of a big model's
-    optimizer state (seen: Qwen2.5-7B's killed a 128 GiB host); an ordinary allocation registered
-    with CUDA is page-locked at its own size. These buffers live as long as the run."""
-    t = torch.empty(shape, dtype=dtype)
-    if t.numel():
-        err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
-        if err:
-            raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
-    return t
-
-
-def on_gpu(model):
-    """Whether the model's tensors are on a GPU: on the CPU there is no memory to hand over, and
-    the offload / restore / park / fetch below return at once."""
-    return next(model.parameters()).is_cuda
-
-
-def offload_trainer(model, optimizer):
-    """Grads freed, optimizer state to CPU; the bf16 params stay (vLLM's weights come from them).
-
-    Megatron-Core's own optimizer.offload_to_cpu() copies each tensor into fresh pageable
-    memory, every step. Here every tensor gets one pinned host buffer, allocated once and
-    reused, which PCIe fills at full speed; the tensor objects stay the same (only .data
-    moves), so the optimizer never notices."""
-    if not on_gpu(model):
-        return
-    optimizer.zero_grad()                        # the fp32 gradient copies of bf16 grad buffers
-    model.offload_grad_buffers()                 # grads are recomputed: free, do not copy
-    offload_optimizer(optimizer)
-    torch.cuda.empty_cache()                     # hand the freed pages to vLLM's wake-up
-
-
-def offload_optimizer(optimizer):
-    """The optimizer state to its pinned host buffers (see offload_trainer)."""
-    if not torch.cuda.is_available():
-        return
-    moved = []
-    for t in _optimizer_tensors(optimizer):
-        if t.is_cuda:
-            buf = getattr(t, "_pinned_cpu", None)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = t._pinned_cpu = pinned_empty(t.shape, t.dtype)
-            buf.copy_(t.data, non_blocking=True)
-            moved.append(t)
-    torch.cuda.synchronize()                     # copies done before the GPU memory is reused
-    for t in moved:
-        t.data = t._pinned_cpu
-
-
-def restore_grads(model):
-    if on_gpu(model):
-        model.restore_grad_buffers()                 # reallocates, zeroes and synchronizes
-
-
-def restore_optimizer(optimizer):
-    for t in _optimizer_tensors(optimizer):
-        if not t.is_cuda and getattr(t, "_pinned_cpu", None) is not None:
-            t.data = t.data.to("cuda", non_blocking=True)
-
-
-def park_reference(ref):
-    """Move the frozen reference model to pinned host memory between its uses (it is needed once
-    every --kl-log-interval steps, or once per step with --kl-coef > 0, and would otherwise hold
-    2 bytes per parameter of GPU memory through every rollout)."""
-    if not on_gpu(ref):
-        return
-    for p in ref.parameters():
-        if p.is_cuda and getattr(p, "_pinned_cpu", None) is None:     # frozen: copied out once
-            p._pinned_cpu = pinned_empty(p.shape, p.dtype)
-            p._pinned_cpu.copy_(p.data, non_blocking=True)
-    torch.cuda.synchronize()
-    for p in ref.parameters():
-        p.data = p._pinned_cpu
-
-
-def fetch_reference(ref):
-    for p in ref.parameters():
-        if not p.is_cuda and getattr(p, "_pinned_cpu", None) is not None:   # parked (never on the CPU)
-            p.data = p.data.to("cuda", non_blocking=True)
-
-
-# ==============================================================================================
-# Checkpoints and the run's files: resume where a killed run stopped, never mix two runs
-# ==============================================================================================
-def complete_checkpoints(root):
-    """[(step, path)] of the finished checkpoints under root, oldest first. A save is written to
-    step_N.tmp and renamed when every rank is done, so a run killed while saving leaves only a
-    .tmp folder, which is ignored here and cleared by the next save."""
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "train_state.json")):
-            out.append((int(name[5:]), path))
-    return sorted(out)
-
-
-def checkpoints_to_prune(checkpoints, keep_last):
-    """The paths to delete after a save: all but the newest `keep_last` complete checkpoints.
-    checkpoints: [(step, path)] oldest first, as complete_checkpoints returns them."""
-    return [path for _, path in checkpoints[:-keep_last]]
-
-
-def check_out_dir(out, resume):
-    """UserError when starting here would mix two runs or overwrite a finished one.
-
-    A fresh start (nothing to resume, or --no-resume) in a folder that holds another run's
-    checkpoints would interleave the two: the keep-last pruning ranks checkpoints by step, so
-    the old run's later steps would delete the new run's saves, and a plain rerun would resume
-    the old run. A finished run (final/) without checkpoints would be silently overwritten."""
-    found = complete_checkpoints(os.path.join(out, "checkpoints"))
-    if found and not resume:
-        raise UserError(f"--no-resume, but {os.path.join(out, 'checkpoints')} holds another run (up to step "
-                        f"{found[-1][0]}); choose a new --out or move that folder aside")
-    if not found and os.path.isdir(os.path.join(out, "final")):
-        raise UserError(f"{out} holds a finished run (final/) and no checkpoint to resume; choose a new --out "
-                        "or move it aside")
-
-
-def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
-    """Model + optimizer (dist_checkpointing, any TP/PP can load the model), and the loop's state
-    (data position, the prompt set's fingerprint, the step's metrics line so far); then drop all but
-    the newest `keep_last`.
-
-    No RNG state is saved: every step's sampling is seeded from (--seed, step, prompt) by
-    `rollout_seed`, so a resumed run draws the same samples without one."""
-    import shutil
-    from megatron.core import dist_checkpointing
-    path = os.path.join(root, f"step_{step:06d}")
-    tmp = path + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    dist_checkpointing.save(_train_state_dict(model, optimizer), tmp)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:   # written last: marks it complete
-            json.dump(dict(train_state, step=step), f)
-        os.replace(tmp, path)
-        for old in checkpoints_to_prune(complete_checkpoints(root), keep_last):
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return path
-
-
-def _train_state_dict(model, optimizer, is_loading=False):
-    # the unwrapped GPTModel's keys: the same as convert.py's, so convert.py exports either.
-    # The distributed optimizer's default format in megatron-core 0.16 ("fully_sharded_model_space")
-    # is rejected by its own dist_checkpointing ("flattened_range is not supported"): ask for
-    # "dp_reshardable", each rank saving its own shard (resume with the same TP x PP; DP may change).
-    msd = model.module.sharded_state_dict()
-    meta = {"distrib_optim_sharding_type": "dp_reshardable"}
-    return {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=is_loading, metadata=meta)}
-
-
-def load_checkpoint(path, model, optimizer):
-    """Restore what save_checkpoint wrote; returns the train state (step, data position, ...)."""
-    from megatron.core import dist_checkpointing
-    # megatron-core 0.16.1 without apex/TE reads Adam's "step" from every parameter's state while
-    # it plans the load, and a fresh optimizer has no state yet (AssertionError in state_dict()).
-    # Zero state of the right shapes makes the plan; the load then overwrites all of it.
-    for inner in _torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
-                                          step=torch.tensor(0.0))
-    state = dist_checkpointing.load(_train_state_dict(model, optimizer, is_loading=True), path)
-    model.module.load_state_dict(state["model"])
-    # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into the optimizer's main
-    # params without it; with fp32 weights (--device cpu) the main params are the model's own
-    # leaf params, which autograd refuses to change in place.
-    with torch.no_grad():
-        optimizer.load_state_dict(state["optimizer"])
-    # ...and then its parameter-state load puts back the "step" of that zero state (0), which
-    # would restart Adam's bias correction. The saved step is in the loaded param groups.
-    for inner in _torch_optimizers(optimizer):
-        steps = {g["step"] for g in inner.param_groups if g.get("step") is not None}
-        if len(steps) == 1:
-            step = float(steps.pop())
-            for st in inner.state.values():
-                if "step" in st:
-                    st["step"] = torch.tensor(step)
-    # load_state_dict restored the saved param groups, weight decay included: re-apply ours.
-    apply_weight_decay_multipliers(optimizer, optimizer.config.weight_decay)
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
-
-
-def check_prompt_set(saved, now, data_dir):
-    """UserError when a checkpoint trained on another prompt set than the one loaded now (fingerprints
-    from prompt_set_fingerprint). CKPT_DIR does not depend on DATA_DIR, so this is one changed
-    variable away. Checkpoints from before fingerprints were recorded (saved None) are not checked."""
-    if saved is not None and saved != now:
-        raise UserError(f"the checkpoint was trained on {saved['rows']} prompts (sha256 {saved['sha256']}), but --data "
-                        f"{data_dir} gives {now['rows']} (sha256 {now['sha256']}); resume with the prompt set it trained on "
-                        "(the same --data, --max-prompt-len and tokenizer) or start a new --out")
-
-
-def restore_metrics(path, resume_step, saved_line=None):
-    """Make metrics.jsonl hold exactly the steps 1..resume_step, on every start.
-
-    Lines after the resume point are about to be redone (a run killed before its first
-    checkpoint restarts from step 0, so all of them); a torn last line (killed mid-write) is
-    dropped. The checkpoint carries its step's metrics as known when it was saved: the line is
-    written after the weight sync and the evaluation, and a run killed in between would lose it,
-    so it is put back from there (without the fields measured after the save). Rewritten
-    through a temp file and a rename: a crash here never leaves half a file."""
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and resume_step > 0 and row.get("step", -1) <= resume_step:
-                    rows.append(row)
-    if saved_line is not None and not any(r["step"] == resume_step for r in rows):
-        rows.append(saved_line)
-    rows.sort(key=lambda r: r["step"])
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def start_wandb(args, cfg, resume_step):
-    """wandb on the logging rank, or None. No network or no key -> offline mode; any failure ->
-    a warning and no wandb: monitoring must never stop a training run."""
-    if not args.wandb_project:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("warning: wandb is not installed (pip install wandb); logging to metrics.jsonl only", flush=True)
-        return None
-    id_file = os.path.join(args.out, "wandb_id.txt")
-    run_id = open(id_file).read().strip() if resume_step and os.path.isfile(id_file) else None
-    kwargs = dict(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
-                  config=dict(vars(args), model=cfg), dir=args.out)
-    online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline"
-    for mode in (["online", "offline"] if online else ["offline"]):
-        try:
-            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
-            with open(id_file, "w") as f:
-                f.write(run.id)
-            print(f"wandb: {mode} run {run.id} in project {args.wandb_project}", flush=True)
-            return run
-        except Exception as e:
-            print(f"warning: wandb {mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
-                  flush=True)
-    return None
-
-
-# ==============================================================================================
-# Phases: names for --trace and for the out-of-memory hint
-# ==============================================================================================
-# The knobs that lower each phase's GPU memory, for the one-line out-of-memory hint.
-MEMORY_KNOBS = {
-    "start vLLM": "lower --gpu-memory-utilization or --max-num-seqs, or use a larger --tp",
-    "rollout": "lower --max-num-seqs or --max-len",
-    "wake vLLM": "lower --gpu-memory-utilization; add --adam-moments host",
-    "reference log-probs": "lower --micro-batch-tokens or --logits-chunk-tokens",
-    "old log-probs": "lower --micro-batch-tokens or --logits-chunk-tokens",
-    "update": "lower --micro-batch-tokens or --logits-chunk-tokens, add --recompute full, "
-              "--grad-reduce-dtype bf16 or --adam-moments host, or use a larger --tp / --pp",
-    "evaluation": "lower --eval-prompts or --max-num-seqs",
-}
-_PHASE = ["start"]
-
-
-def enter_phase(args, step, phase):
-    """Name the phase this rank is in: for --trace (every rank prints it, to find the collective
-    a hang waits in) and for the out-of-memory hint."""
-    _PHASE[0] = phase
-    if args.trace:
-        print(f"[rank {dist.get_rank()}] step {step}: {phase}", flush=True)
-
-
-def out_of_memory_hint(e, phase):
-    """A UserError naming the phase and its knobs if `e` is a GPU out-of-memory failure, else None."""
-    text = f"{type(e).__name__}: {e}"
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "less than desired GPU memory" in text:
-        knobs = MEMORY_KNOBS.get(phase, "see the memory plan printed at start")
-        return UserError(f"GPU out of memory in phase '{phase}'; {knobs} ({text.splitlines()[0][:160]})")
-    return None
-
-
-# ==============================================================================================
-# Data
-# ==============================================================================================
-def load_prompt_file(path):
-    """(messages, ground_truth) pairs from prepare.py's JSON lines."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found; run `python prepare.py --input_dir ... --local_dir {os.path.dirname(path)}`")
-    rows = []
-    with open(path) as f:
-        for k, line in enumerate(f):
-            try:
-                r = json.loads(line)
-                rows.append((r["prompt"], r["reward_model"]["ground_truth"]))
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path} line {k + 1} is not a prepare.py record (prompt, reward_model.ground_truth)")
-    if not rows:
-        raise UserError(f"{path} is empty")
-    return rows
-
-
-def prompt_set_fingerprint(rows):
-    """{"rows": N, "sha256": short hash} of the prompts a run trains on, in order: (prompt, ground
-    truth) pairs, as the saved data order indexes them (after tokenize dropped the long ones).
-    Checkpoints record it, and a resume checks it: the saved order of another prompt set would
-    index the wrong prompts, or past the end of a shorter set."""
+def digest(samples):
+    """A short hash of every generated token of the step: equal digests, equal rollouts (used to
+    check that a resumed run draws the same samples)."""
     h = hashlib.sha256()
-    for prompt, truth in rows:
-        h.update(json.dumps([prompt, truth]).encode() + b"\n")
-    return {"rows": len(rows), "sha256": h.hexdigest()[:16]}
-
-
-def tokenize(tokenizer, rows, max_prompt_len):
-    """Chat-template each prompt (add_generation_prompt so the model answers as the assistant);
-    prompts longer than the budget are dropped and counted, never cut (a cut problem has a
-    different answer)."""
-    out, dropped = [], 0
-    for messages, truth in rows:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        if len(ids) > max_prompt_len:
-            dropped += 1
-            continue
-        out.append((list(ids), truth))
-    return out, dropped
-
-
-def rollout_layout(prompts_per_step, world, tp, pp):
-    """(engines, data-parallel size): one vLLM engine per TP group (so PP stages roll out as
-    extra engines), Megatron's data parallelism over TP x PP. UserError when the step's prompts
-    do not divide over the data-parallel ranks: a prompt without a rank to train on would be
-    rolled out, scored and counted in the reward, and never trained on."""
-    engines, dp = world // tp, world // (tp * pp)
-    if prompts_per_step % dp:
-        raise UserError(f"--prompts-per-step {prompts_per_step} does not divide over {dp} data-parallel ranks "
-                        f"(world {world} / TP {tp} / PP {pp}): use a multiple of {dp}")
-    return engines, dp
+    for s in samples:
+        h.update(str(s["response_ids"]).encode())
+    return h.hexdigest()[:16]
 
 
 # ==============================================================================================
-# The memory plan: what each phase holds on a GPU, added up before anything is allocated
-# ==============================================================================================
-# Bytes per token and layer that the local spec's layer keeps for its backward (bf16): counted
-# with torch.autograd.graph.saved_tensors_hooks on megatron-core 0.16.1's layer on an H100 for
-# all seven Qwen2.5 shapes (test_gpu_memory_plan_activations_match_what_the_gpu_keeps), and
-# matched by  14 h + 10 ffn + 6 kv + 8 head_dim  within 0.1% (h: hidden, kv: key/value width =
-# kv heads x head dim). The MLP dominates: the SwiGLU keeps its [2 ffn] input, its halves and
-# their product. The rest: four [h] tensors around the two norms (their inputs and outputs; the
-# fused CUDA RMSNorm keeps only its bf16 input and one fp32 number per token - the CPU's keeps
-# two fp32 copies instead, 12 h more per layer), the fused qkv output, attention's output twice (the kernel's and
-# the projection's input) and the RoPE tables. Under TP the heads and the MLP are split over the
-# ranks, but the norms' tensors (8 h) are whole on every rank.
-ACT_BYTES = {"hidden": 8, "hidden_split": 6, "ffn": 10, "kv": 6, "head_dim": 8}
-# What the trainer's side holds besides tensors we count: the CUDA context, NCCL's buffers,
-# vLLM's CUDA graphs (they stay while the engine sleeps) and the allocator's slack. Calibrated on
-# the measured peaks in the README's memory table.
-OVERHEAD_GIB = 3.0
-# What the rollout holds beyond the pool vLLM is given at start: the trainer's memory grows after
-# its first update (kernels loaded on first use, the allocator's cached blocks; at 0.5B 2.6 GiB
-# stayed in use while vLLM slept before the first update, 4.3 GiB after it), and vLLM's sampler
-# and prefill working memory. Measured on top of the pool: 2.8 GiB at 0.5B (1024 sequences at
-# once), 1.5 GiB at 3B, 1.1 GiB at 7B.
-ROLLOUT_GROWTH_GIB = 3.0
-# The share of the GPU that stays free while vLLM generates; its pool, sized at start, leaves
-# that and the growth above.
-ROLLOUT_FREE = 0.1
-def vllm_reserve(gpu_bytes):
-    return ROLLOUT_FREE * gpu_bytes + ROLLOUT_GROWTH_GIB * GIB
-# The share of a GPU the update may fill by the plan: 10% stays free, and 5% more covers the
-# plan's own error (its predictions against measured peaks are in the README).
-PLAN_FILL = 0.85
-GIB = 2**30
-
-
-def params_per_rank(cfg, tp, pp):
-    """Parameters held by the most loaded rank (TP shards matrices and the vocabulary; PP gives
-    each stage its layers, the first the embedding, the last the output layer, which with tied
-    embeddings is a second copy of the embedding there)."""
-    h, f, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * convert.head_dim(cfg)
-    layer = (h * qkv + qkv + h * cfg["num_attention_heads"] * convert.head_dim(cfg) + 3 * h * f) / tp + 2 * h
-    layers = cfg["num_hidden_layers"] // pp * layer
-    embedding = V * h / tp
-    if pp == 1:
-        return layers + embedding * (1 if cfg["tie_word_embeddings"] else 2) + h
-    return layers + max(embedding, embedding + h)            # first stage: embedding; last: output layer
-
-
-def activation_bytes(cfg, tp):
-    """Bytes one layer keeps per token for its backward, without recompute (see ACT_BYTES)."""
-    h, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * convert.head_dim(cfg)
-    split = ACT_BYTES["hidden_split"] * h + ACT_BYTES["ffn"] * cfg["intermediate_size"] + ACT_BYTES["kv"] * kv
-    return ACT_BYTES["hidden"] * h + split / tp + ACT_BYTES["head_dim"] * convert.head_dim(cfg)
-
-
-def memory_plan(cfg, tp, pp, dp, s):
-    """Per-GPU bytes of each part, for the settings `s` (a namespace with micro_batch_tokens,
-    logits_chunk_tokens, recompute, grad_reduce_dtype, adam_moments, ref (bool: a
-    reference model exists), ref_on_gpu, sleep_level, max_len, max_num_seqs, distributed_optimizer,
-    gpus_per_node), and the peaks of the two phases that matter:
-
-      train peak   = params + grads + resident reference + overhead
-                     + max(activations + logits,  optimizer state)
-      rollout      = params + resident reference + overhead + vLLM's share (weights, KV cache)
-
-    max(): the optimizer state comes back from host memory only for optimizer.step(), when the
-    activations are gone (optimizer_step). vLLM is given what is left, minus a reserve, so the
-    rollout always fits; what the plan checks there is that its KV cache holds at least one
-    full-length sequence, and how many run at once.
-    """
-    P = params_per_rank(cfg, tp, pp)
-    h = cfg["hidden_size"]
-    kv = cfg["num_key_value_heads"] * convert.head_dim(cfg)
-    layers = cfg["num_hidden_layers"] // pp
-    T = s.micro_batch_tokens
-    per_token_layer = activation_bytes(cfg, tp)
-    in_flight = pp                      # 1F1B: the first stage holds up to pp micro batches
-    if s.recompute == "full":           # each layer's input (bf16), plus one layer redone at a time
-        activations = in_flight * T * layers * 2 * h + T * per_token_layer
-    else:
-        activations = in_flight * T * layers * per_token_layer
-    chunk = min(s.logits_chunk_tokens or T, T)
-    # A chunk's backward holds its bf16 logits, the cross entropy's fp32 copy, its fp32 gradient
-    # and the bf16 one: 12 bytes per token and vocabulary entry. Whole (one chunk, no recompute),
-    # the forward's copies also wait for the backward: 14 bytes, measured at 0.5B. And the output
-    # matrix's bf16 gradient, which the backward makes whole before adding it to the fp32
-    # gradient buffer (measured with the activations).
-    logits = (12 if chunk < T else 14) * chunk * cfg["vocab_size"] / tp + 2 * cfg["vocab_size"] * h / tp
-    shard = 1 / dp if s.distributed_optimizer else 1.0
-    largest = cfg["vocab_size"] * h / tp                       # the embedding: AdamW's biggest tensor
-    # The step's GPU state: fp32 master weights and both Adam moments (12 bytes per parameter; 4
-    # when the moments stay in host memory, plus those on their way, which streamed_adam_step
-    # keeps within the biggest tensor's), AdamW's temporaries of one tensor at a time, and with
-    # bf16 grads megatron's fp32 copy of this rank's gradient shard.
-    moments = 12 * P * shard if s.adam_moments == "gpu" else 4 * P * shard + 8 * largest
-    step_state = moments + 3 * 4 * largest
-    parts = {
-        "params": 2 * P,
-        "grads": (4 if s.grad_reduce_dtype == "fp32" else 2) * P,
-        "optimizer": step_state + (4 * P * shard if s.grad_reduce_dtype == "bf16" else 0),
-        "reference": 2 * P if s.ref and s.ref_on_gpu else 0.0,
-        "activations": activations,
-        "logits": logits,
-        "overhead": OVERHEAD_GIB * GIB,
-    }
-    base = parts["params"] + parts["grads"] + parts["reference"] + parts["overhead"]
-    train_peak = base + max(activations + logits, parts["optimizer"])
-    if s.ref and not s.ref_on_gpu:      # the reference visits for its forward (optimizer state away)
-        train_peak = max(train_peak, base + 2 * P + activations / layers + logits)
-    gpu = s.gpu_bytes
-    vllm_share = gpu - vllm_reserve(gpu) - parts["params"] - parts["reference"] - parts["overhead"]
-    vllm_weights = 2 * params_per_rank(cfg, tp, 1)             # vLLM holds the whole model per TP group
-    sampler = s.max_num_seqs * cfg["vocab_size"] * 4          # vLLM's per-sequence token counts
-    kv_cache = vllm_share - vllm_weights - sampler - 1.0 * GIB   # ~1 GiB of vLLM's own activations
-    kv_per_token = 2 * cfg["num_hidden_layers"] * kv * 2 / tp
-    # host memory per node: pinned optimizer state and parked reference of every rank on it, vLLM's
-    # weights when sleep level 1 copies them out
-    host = s.gpus_per_node * (12 * P * shard + (2 * P if s.ref and not s.ref_on_gpu else 0)
-                              + (vllm_weights if s.sleep_level == 1 else 0))
-    return {"parts": parts, "train_peak": train_peak, "rollout_peak": (1 - ROLLOUT_FREE) * gpu,
-            "kv_cache": kv_cache, "kv_tokens": max(0.0, kv_cache / kv_per_token),
-            "concurrent_seqs": max(0.0, kv_cache / kv_per_token / s.max_len), "host": host, "gpu": gpu}
-
-
-def plan_fits(plan, host_bytes, max_len):
-    """Why a plan does not fit (a short phrase), or None: the update must stay within PLAN_FILL of
-    the GPU, the KV cache must hold one full-length sequence, the host its share of the state."""
-    if plan["train_peak"] > PLAN_FILL * plan["gpu"]:
-        return (f"the update would need {plan['train_peak'] / GIB:.1f} GiB, more than {PLAN_FILL:.0%} of "
-                f"{plan['gpu'] / GIB:.1f} GiB")
-    if plan["kv_tokens"] < max_len:
-        return f"vLLM's KV cache would hold {plan['kv_tokens']:.0f} tokens, less than one {max_len}-token sequence"
-    if host_bytes and plan["host"] > 0.9 * host_bytes:
-        return f"host memory would hold {plan['host'] / GIB:.0f} of {host_bytes / GIB:.0f} GiB"
-    return None
-
-
-def plan_and_pick_defaults(args, cfg, dp, gpu_bytes, host_bytes=None, suggest=True):
-    """Fill the memory flags the user left unset with the fastest settings that fit, by
-    memory_plan; UserError naming a change that fits when none does. Preference, fastest first:
-    no recompute, fp32 gradients, Adam moments on the GPU, big micro batches; then each lever in
-    turn (bf16 gradients and recompute before moving the moments, which costs most)."""
-    import itertools
-    import types
-    gpu_bytes = args.gpu_gib * GIB if args.gpu_gib else gpu_bytes
-    if args.host_gib:
-        host_bytes = args.host_gib * GIB
-    elif host_bytes is None:
-        host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    world = args.tp * args.pp * dp
-    fixed = {"micro_batch_tokens": args.micro_batch_tokens, "recompute": args.recompute,
-             "grad_reduce_dtype": args.grad_reduce_dtype, "adam_moments": args.adam_moments,
-             "logits_chunk_tokens": args.logits_chunk_tokens}
-    mbts = [t for t in (16384, 8192, 4096) if t >= args.max_len] or [args.max_len]
-    # whole logits (0) skip the chunks' recompute of the output layer: the 0.5B benchmark's update
-    # took 16% less time (its output layer holds a quarter of its weights); 2048-token chunks
-    # where the whole logits do not fit
-    choices = itertools.product(["gpu", "host"], ["fp32", "bf16"], ["none", "full"], mbts, [0, 2048])
-    base = dict(ref=args.kl_coef > 0 or args.kl_log_interval > 0,
-                ref_on_gpu=args.ref_on_gpu, sleep_level=args.sleep_level, max_len=args.max_len,
-                max_num_seqs=args.max_num_seqs, distributed_optimizer=args.distributed_optimizer,
-                gpus_per_node=min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), gpu_bytes=gpu_bytes)
-    closest = None
-    for moments, grads, recompute, mbt, chunk in choices:
-        s = dict(micro_batch_tokens=mbt, recompute=recompute, grad_reduce_dtype=grads, adam_moments=moments,
-                 logits_chunk_tokens=chunk)
-        s.update({k: v for k, v in fixed.items() if v is not None})
-        plan = memory_plan(cfg, args.tp, args.pp, dp, types.SimpleNamespace(**base, **s))
-        plan["settings"] = s
-        if plan_fits(plan, host_bytes, args.max_len) is None:
-            for k, v in s.items():
-                setattr(args, k, v)
-            return plan
-        if closest is None or plan["train_peak"] < closest["train_peak"]:
-            closest = plan
-    fix = suggest_layout(args, cfg, gpu_bytes, host_bytes) if suggest else ""
-    why = plan_fits(closest, host_bytes, args.max_len)
-    raise UserError(f"TP {args.tp} x PP {args.pp} does not fit with any memory setting ({why} even with "
-                    f"{' '.join(f'{k}={v}' for k, v in closest['settings'].items())}){': ' + fix if fix else ''}")
-
-
-def suggest_layout(args, cfg, gpu_bytes, host_bytes):
-    """The change to name when nothing fits: the smallest TP x PP that fits on these GPUs."""
-    import copy
-    for tp, pp in sorted(((t, p) for t in (1, 2, 4, 8) for p in (1, 2, 4, 8)), key=lambda x: (x[0] * x[1], x[1])):
-        if tp * pp <= args.tp * args.pp:
-            continue
-        try:
-            convert.check_parallel_sizes(cfg, tp, pp)
-        except UserError:
-            continue
-        a = copy.copy(args)
-        a.tp, a.pp = tp, pp
-        try:
-            plan_and_pick_defaults(a, cfg, 1, gpu_bytes, host_bytes, suggest=False)
-        except UserError:
-            continue
-        nodes = -(-tp * pp // 8)
-        return (f"use --tp {tp} --pp {pp} ({tp * pp} GPUs per model copy"
-                + (f", {nodes} nodes of 8" if nodes > 1 else "") + "), or GPUs with more memory")
-    return "use GPUs with more memory"
-
-
-def format_memory_plan(plan):
-    """The plan as printed at start."""
-    p, s = plan["parts"], plan["settings"]
-    lines = ["memory plan per GPU (GiB): " + "  ".join(f"{k} {v / GIB:.1f}" for k, v in p.items()),
-             f"  update peak {plan['train_peak'] / GIB:.1f} of {plan['gpu'] / GIB:.1f};  rollout: vLLM KV cache "
-             f"{plan['kv_cache'] / GIB:.1f} GiB = {plan['kv_tokens']:,.0f} tokens = {plan['concurrent_seqs']:.0f} "
-             f"full-length sequences at once;  host memory per node {plan['host'] / GIB:.1f}",
-             "  settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in s.items())]
-    return "\n".join(lines)
-
-
-def print_memory_plan(args):
-    """--memory-plan SIZE: the plan of a layout, on any machine (no GPU needed)."""
-    cfg = convert.qwen_config(args.memory_plan)
-    convert.check_parallel_sizes(cfg, args.tp, args.pp)
-    world = args.world_size or args.tp * args.pp
-    if world % (args.tp * args.pp):
-        raise UserError(f"--world-size {world} cannot be split into TP={args.tp} x PP={args.pp} groups")
-    if not args.gpu_gib:
-        raise UserError("--memory-plan needs --gpu-gib (the memory of one GPU)")
-    plan = plan_and_pick_defaults(args, cfg, world // (args.tp * args.pp), None, host_bytes=0)
-    print(f"Qwen2.5-{args.memory_plan}, TP {args.tp} x PP {args.pp} x DP {world // (args.tp * args.pp)}, "
-          f"{args.gpu_gib:g} GiB GPUs")
-    print(format_memory_plan(plan))
-
-
-# ==============================================================================================
-# Arguments
-# ==============================================================================================
-def parse_args(argv):
-    p = prepare.one_line_errors(argparse.ArgumentParser(
-        description="GRPO training: Megatron-Core trains, a colocated vLLM rolls out. Run under torchrun "
-                    "(see the top of grpo.py)."))
-    g = p.add_argument_group("I/O")
-    g.add_argument("--load", help="Megatron checkpoint of the initial policy (convert.py output); required")
-    g.add_argument("--hf-dir", help="HF folder of the same model: config.json (for vLLM) and tokenizer; required")
-    g.add_argument("--data", default="dataset/MATH-lighteval", help="folder with prepare.py's train.json / test.json")
-    g.add_argument("--reward", default="prepare:math_reward",
-                   help="the task's reward, MODULE:FUNCTION importable from the current folder or PYTHONPATH, called as "
-                        "FUNCTION(response, ground_truth, timeout_s=...) -> float or (float, correct) (see load_reward)")
-    g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl, checkpoints/ and final/")
-    g.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (0: only the final policy)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
-    g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="start from --load; refused if OUT/checkpoints holds a run (default: resume from the newest)")
-    g.add_argument("--wandb-project", default=None, help="log to this wandb project (run.sh sets it when enable_wandb=True)")
-    g.add_argument("--wandb-name", default=None, help="wandb run name")
-    g.add_argument("--model-size", default="custom", help="Qwen2.5 size to check the checkpoint against, or custom")
-    g = p.add_argument_group("GRPO (defaults follow the reference pipeline)")
-    g.add_argument("--steps", type=int, default=100, help="training steps (one rollout batch each)")
-    g.add_argument("--prompts-per-step", type=int, default=64, help="prompts per rollout batch")
-    g.add_argument("--n-samples-per-prompt", type=int, default=32, help="group size G of GRPO")
-    g.add_argument("--max-len", type=int, default=2048,
-                   help="prompt + response tokens at most: each prompt may be answered with max-len minus its length")
-    g.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are dropped (and counted)")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    g.add_argument("--clip-ratio", type=float, default=0.2,
-                   help="PPO clip epsilon, both sides (acts only with several optimizer steps per batch)")
-    g.add_argument("--clip-ratio-low", type=float, default=None, help="lower clip epsilon (default --clip-ratio)")
-    g.add_argument("--clip-ratio-high", type=float, default=None,
-                   help="upper clip epsilon (default --clip-ratio; DAPO's clip-higher: 0.28)")
-    g.add_argument("--clip-ratio-c", type=float, default=None,
-                   help="dual-clip PPO: cap the loss of a token with a negative advantage at C * |A| (must be > 1; "
-                        "default off; verl's clip_ratio_c, 3 there; acts only with several optimizer steps per batch)")
-    g.add_argument("--mini-batches", type=int, default=1,
-                   help="optimizer steps per pass over a rollout batch (shuffled mini-batches)")
-    g.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch (the GRPO paper's mu)")
-    g.add_argument("--loss-agg", default="token-mean", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-                   help="how token losses become the batch loss (see loss_weights)")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the initial policy in the loss")
-    g.add_argument("--kl-log-interval", type=int, default=10,
-                   help="with --kl-coef 0, measure the KL to the initial policy every N steps (0: never, and no "
-                        "reference model is kept); with --kl-coef > 0 it is part of the loss, so every step")
-    g.add_argument("--no-std-norm", action="store_true", help="advantages without std scaling (Dr. GRPO)")
-    g.add_argument("--old-logp-pass", action="store_true",
-                   help="compute old log-probs in a separate forward before the update even with one optimizer step "
-                        "per batch (default: the update's own forward, exact in that case; see update_step)")
-    g.add_argument("--filter-groups", action="store_true",
-                   help="DAPO dynamic sampling: drop groups whose rewards are all equal and roll out more prompts")
-    g.add_argument("--filter-max-rounds", type=int, default=4, help="rollout rounds per step at most with --filter-groups")
-    g.add_argument("--overlong-filter", action="store_true", help="truncated answers stay out of the loss (DAPO)")
-    g.add_argument("--overlong-buffer", type=int, default=0,
-                   help="DAPO soft overlong punishment: the last N tokens of each answer's budget cost reward")
-    g.add_argument("--overlong-penalty", type=float, default=1.0, help="reward lost at the end of the budget")
-    g.add_argument("--tis-cap", type=float, default=0.0,
-                   help="truncated importance sampling: weight tokens by min(p_trainer / p_vllm, CAP) (0: off; "
-                        "asks vLLM for log-probs of every sample)")
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--lr", type=float, default=2e-6, help="constant learning rate")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (not on norms and biases)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    g.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false",
-                   help="replicate optimizer state on every DP rank instead of sharding it")
-    g = p.add_argument_group("memory (defaults: picked by the memory plan printed at start)")
-    g.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens (rows x padded length) per micro batch")
-    g.add_argument("--logits-chunk-tokens", type=int, default=None,
-                   help="tokens per chunk of the output layer + log-prob (0: the whole micro batch at once; "
-                        "the plan picks 0 where the whole logits fit, else 2048)")
-    g.add_argument("--recompute", choices=("none", "full"), default=None,
-                   help="activation recompute: full = keep only each layer's input, recompute in the backward")
-    g.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default=None, help="gradient buffer dtype")
-    g.add_argument("--adam-moments", choices=("gpu", "host"), default=None,
-                   help="host: Adam's moments stay in host memory and visit the GPU one tensor at a time in the step "
-                        "(see stream_adam_moments)")
-    g.add_argument("--ref-on-gpu", action="store_true",
-                   help="keep the reference model on the GPU (default: in host memory between its forwards)")
-    g.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: the GPU's)")
-    g.add_argument("--host-gib", type=float, default=None,
-                   help="host memory per node to plan for (default: this machine's; --memory-plan: not checked)")
-    g = p.add_argument_group("parallelism and engine")
-    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: the same loop without GPUs (gloo, fp32, a plain PyTorch engine instead of vLLM; slow, "
-                        "for learning and tests; see start_device)")
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 10%% of "
-                        "the GPU and what grows beside vLLM after the first update; see vllm_reserve)")
-    g.add_argument("--sleep-level", type=int, default=None, choices=(1, 2),
-                   help="vLLM sleep between rollouts: 2 (default) drops its weights (the sync rewrites them "
-                        "anyway), 1 keeps a copy in host memory")
-    g.add_argument("--max-num-seqs", type=int, default=1024,
-                   help="the engine's batch of concurrent sequences (vLLM, or the CPU engine's rows at once)")
-    g.add_argument("--reward-workers", type=int, default=4, help="processes running the reward per engine")
-    g = p.add_argument_group("checks, eval and logging")
-    g.add_argument("--logp-diff-warn", type=float, default=0.1,
-                   help="warn when vLLM's and Megatron's log-probs of the sampled tokens differ more (per token)")
-    g.add_argument("--logp-diff-stop", type=float, default=0.25,
-                   help="stop when they differ more in each of the first 3 steps (0: never stop)")
-    g.add_argument("--eval-interval", type=int, default=10, help="evaluate every N steps and before the first (0: never)")
-    g.add_argument("--eval-prompts", type=int, default=500, help="test prompts per evaluation")
-    g.add_argument("--eval-temperature", type=float, default=0.6,
-                   help="0: greedy (most published MATH numbers); else sampled with --eval-top-p/--eval-top-k")
-    g.add_argument("--eval-top-p", type=float, default=0.95)
-    g.add_argument("--eval-top-k", type=int, default=20)
-    g.add_argument("--seed", type=int, default=1234, help="data order, and every step's sampling (see rollout_seed)")
-    g.add_argument("--trace", action="store_true", help="every rank prints each phase it enters (to locate hangs)")
-    g.add_argument("--toy-token", type=int, default=None,
-                   help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
-    g.add_argument("--toy-prompt-len", type=int, default=8)
-    g.add_argument("--check-flags", action="store_true",
-                   help="check the flags (and the layout, with WORLD_SIZE set) and exit; touches no file or GPU")
-    g = p.add_argument_group("benchmark and planning")
-    g.add_argument("--benchmark", choices=list(convert.QWEN25), default=None,
-                   help="time a fixed workload on random weights of this Qwen2.5 size (no --load, no data): "
-                        "128 prompts x 8 samples, 256-token prompts, 1024 new tokens each, one warm-up step")
-    g.add_argument("--benchmark-steps", type=int, default=3, help="timed steps after the warm-up step")
-    g.add_argument("--benchmark-prompts", type=int, default=128,
-                   help="prompts per step of the benchmark (fewer for big shapes within a time limit)")
-    g.add_argument("--memory-plan", choices=list(convert.QWEN25), default=None,
-                   help="print the memory plan of this Qwen2.5 size for --tp/--pp/--world-size/--gpu-gib and exit")
-    g.add_argument("--world-size", type=int, default=None, help="GPUs in the job, for --memory-plan")
-    a = p.parse_args(argv)
-    check_values(a)
-    a.reward_fn = load_reward(a.reward)
-    if a.benchmark and a.filter_groups:
-        raise UserError("--filter-groups changes the benchmark's workload; time it on a training run")
-    if a.benchmark:
-        # the workload is fixed so that numbers from different runs and machines compare
-        a.toy_token, a.toy_prompt_len, a.prompts_per_step, a.n_samples_per_prompt = 7, 256, a.benchmark_prompts, 8
-        a.max_len, a.max_prompt_len, a.steps, a.model_size = 1280, 256, 1 + a.benchmark_steps, a.benchmark
-        a.eval_interval, a.save_interval, a.resume = 0, 0, False
-        a.out = a.out if a.out != "grpo-out" else "grpo-benchmark"
-        return a
-    if a.check_flags or a.memory_plan:
-        return a
-    if not a.load or not a.hf_dir:
-        raise UserError("--load and --hf-dir are required (or --benchmark SIZE for random weights)")
-    if not os.path.isdir(a.load) or not os.path.isfile(os.path.join(a.load, "metadata.json")):
-        raise UserError(f"--load {a.load} is not a Megatron checkpoint (convert.py ... false ... writes one)")
-    if not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
-        raise UserError(f"--hf-dir {a.hf_dir} has no config.json")
-    return a
-
-
-def check_device_flags(a):
-    """--device cpu refuses, in one line, the flags that only size or move GPU memory: on the CPU
-    they would do nothing, and a user who sets one expects it to act."""
-    if a.device == "cpu" and not a.memory_plan:
-        given = {"--gpu-memory-utilization": a.gpu_memory_utilization is not None,
-                 "--sleep-level": a.sleep_level is not None, "--gpu-gib": a.gpu_gib is not None,
-                 "--host-gib": a.host_gib is not None, "--ref-on-gpu": a.ref_on_gpu,
-                 "--adam-moments host": a.adam_moments == "host", "--grad-reduce-dtype bf16": a.grad_reduce_dtype == "bf16",
-                 "--recompute full": a.recompute == "full",
-                 "--benchmark": a.benchmark is not None}
-        for flag, on in given.items():
-            if on:
-                raise UserError(f"{flag} sizes or moves GPU memory (or times GPUs) and has no meaning with --device cpu; "
-                                "leave it out")
-    if a.sleep_level is None:
-        a.sleep_level = 2
-
-
-def check_values(a):
-    """The flag checks that need no file and no GPU (also what --check-flags runs)."""
-    check_device_flags(a)
-    a.clip_ratio_low = a.clip_ratio if a.clip_ratio_low is None else a.clip_ratio_low
-    a.clip_ratio_high = a.clip_ratio if a.clip_ratio_high is None else a.clip_ratio_high
-    positive = {"--steps": a.steps, "--prompts-per-step": a.prompts_per_step, "--max-len": a.max_len,
-                "--keep-last": a.keep_last, "--mini-batches": a.mini_batches, "--epochs": a.epochs,
-                "--filter-max-rounds": a.filter_max_rounds, "--tp": a.tp, "--pp": a.pp, "--max-num-seqs": a.max_num_seqs,
-                "--benchmark-steps": a.benchmark_steps + 1, "--benchmark-prompts": a.benchmark_prompts}
-    for name, v in positive.items():
-        if v < 1:
-            raise UserError(f"{name} must be >= 1" if name != "--benchmark-steps" else "--benchmark-steps must be >= 0")
-    non_negative = {"--kl-log-interval": a.kl_log_interval, "--kl-coef": a.kl_coef, "--save-interval": a.save_interval,
-                    "--eval-interval": a.eval_interval, "--eval-prompts": a.eval_prompts, "--lr": a.lr,
-                    "--weight-decay": a.weight_decay, "--grad-clip": a.grad_clip, "--clip-ratio-low": a.clip_ratio_low,
-                    "--clip-ratio-high": a.clip_ratio_high, "--tis-cap": a.tis_cap, "--overlong-buffer": a.overlong_buffer,
-                    "--logits-chunk-tokens": a.logits_chunk_tokens or 0, "--eval-temperature": a.eval_temperature,
-                    "--logp-diff-stop": a.logp_diff_stop, "--reward-workers": a.reward_workers}
-    for name, v in non_negative.items():
-        if v < 0:
-            raise UserError(f"{name} must be >= 0")
-    if a.n_samples_per_prompt < 2:
-        raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
-    if a.max_prompt_len >= a.max_len:
-        raise UserError("--max-prompt-len must be smaller than --max-len (room is needed for the response)")
-    if a.temperature <= 0:
-        raise UserError("--temperature must be > 0: GRPO needs sampled, different answers per prompt")
-    if a.clip_ratio_low >= 1:
-        raise UserError("--clip-ratio-low must be < 1")
-    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
-        raise UserError("--clip-ratio-c must be > 1 (it caps the loss at C * |A|, above the PPO clip's; "
-                        "leave it out for no dual clip)")
-    if a.tis_cap and a.tis_cap < 1:
-        raise UserError("--tis-cap must be >= 1 (or 0 for off)")
-    if a.micro_batch_tokens is not None and a.micro_batch_tokens < a.max_len:
-        raise UserError(f"--micro-batch-tokens {a.micro_batch_tokens} is less than --max-len {a.max_len}: "
-                        "a full-length row must fit one micro batch")
-    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization < 1:
-        raise UserError("--gpu-memory-utilization is a share between 0 and 1")
-    if not 0 < a.eval_top_p <= 1:
-        raise UserError("--eval-top-p must be in (0, 1]")
-    if a.overlong_buffer >= a.max_len - a.max_prompt_len:
-        raise UserError("--overlong-buffer must be smaller than the response budget (--max-len - --max-prompt-len)")
-    if a.mini_batches > a.n_samples_per_prompt * a.prompts_per_step:
-        raise UserError("--mini-batches is larger than the samples of a step")
-    world = a.world_size or (int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None)
-    if world is not None:
-        if world % (a.tp * a.pp):
-            raise UserError(f"{world} GPUs cannot be split into TP={a.tp} x PP={a.pp} groups")
-        if not a.benchmark:
-            rollout_layout(a.prompts_per_step, world, a.tp, a.pp)
-
-
-# ==============================================================================================
-# The rollout engine: the five calls the loop makes
+# 1. The rollout engine: the five calls the loop makes
 # ==============================================================================================
 # The loop never touches vLLM directly. It asks its engine for five things:
 #
@@ -1884,130 +738,20 @@ def sample_token(logits, request, generator):
 
 
 def create_engine(args, cfg):
-    """The rollout engine of this rank: vLLM on GPUs, sized from what the GPU has free now (the
-    trainer's state is in host memory at this point); TorchEngine with --device cpu."""
+    """This rank's share of its TP group's rollout engine: vLLM on GPUs, sized from what the GPU
+    has free now (the trainer's state is in host memory at this point); TorchEngine with --device
+    cpu."""
     if args.device == "cpu":
         return TorchEngine(args.hf_dir, args.max_num_seqs, args.seed)
     free, total = torch.cuda.mem_get_info()
-    util = args.gpu_memory_utilization or max(0.05, (free - vllm_reserve(total)) / total)
-    log0(f"GPU: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after offload; vLLM gets {util:.2f}")
+    util = args.gpu_memory_utilization or max(0.05, (free - memory.rollout_reserve(total)) / total)
+    log0(f"GPU: {free / GIB:.1f} of {total / GIB:.1f} GiB free after offload; vLLM gets {util:.2f}")
     return VLLMEngine(args, cfg, util)
 
 
-def sync_weights(model, engine, cfg):
-    """Megatron -> engine, one full tensor at a time: convert.export_hf gathers TP shards and PP
-    stages and splits fused qkv / gate-up back to HF names."""
-    engine.load_weights(convert.export_hf(model.module, cfg))
-    # Cached prefixes were computed with the old weights: reusing them would be silently wrong.
-    engine.reset_prefix_cache()
-
-
 # ==============================================================================================
-# The loop: set-up, then one function per phase of a step
+# 2. Rewards: the task's reward function, in worker processes
 # ==============================================================================================
-def main(argv=None):
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        if args.check_flags:
-            print("grpo.py flags ok")
-            return
-        if args.memory_plan:
-            return print_memory_plan(args)
-        run(args)
-    except UserError as e:
-        prepare.die(str(e))
-    except Exception as e:
-        hint = out_of_memory_hint(e, _PHASE[0])
-        if hint is None:
-            raise
-        prepare.die(str(hint))
-
-
-def log0(*a):
-    if dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
-def cuda_seconds(fn):
-    """(fn(), wall seconds), with the GPU idle before and after: its queued kernels are counted."""
-    torch.cuda.synchronize()
-    t = time.time()
-    result = fn()
-    torch.cuda.synchronize()
-    return result, time.time() - t
-
-
-@contextlib.contextmanager
-def timed(times, key):
-    """Add the wall seconds of the block to times[key]."""
-    t = time.time()
-    yield
-    times[key] = times.get(key, 0.0) + time.time() - t
-
-
-def gpu_used():
-    free, total = torch.cuda.mem_get_info()
-    return total - free
-
-
-def take_prompts(state, k, seed):
-    """The next k indices of the shuffled prompt order; a fresh shuffle (a new epoch) when it runs
-    out, so no prompt is skipped. state: {"order", "cursor", "epoch"}, saved with checkpoints."""
-    out = []
-    while len(out) < k:
-        if state["cursor"] >= len(state["order"]):
-            state["epoch"] += 1
-            random.Random(seed + state["epoch"]).shuffle(state["order"])
-            state["cursor"] = 0
-        take = state["order"][state["cursor"]:state["cursor"] + k - len(out)]
-        state["cursor"] += len(take)
-        out += take
-    return out
-
-
-def load_reward(spec):
-    """The reward function that --reward MODULE:FUNCTION names; UserError in one line when it cannot
-    be imported or called, so that --check-flags (run.sh's step 0) stops a typo before any download.
-
-    MODULE is imported by name, from the current folder or PYTHONPATH: the reward worker processes
-    import it again by that name (forkserver sends functions by reference), so FUNCTION must be a
-    `def` at MODULE's top level. It is called as FUNCTION(response, ground_truth, timeout_s=...)
-    and returns a float or a (float, correct) pair (see prepare.reward_and_correct)."""
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise UserError(f"--reward {spec!r} is not MODULE:FUNCTION (e.g. prepare:math_reward)")
-    if module_name.endswith(".py") or os.sep in module_name:
-        raise UserError(f"--reward {spec}: name the module, not its file ({os.path.basename(module_name).removesuffix('.py')}:{name}), "
-                        "and run from its folder or put that folder on PYTHONPATH")
-    if os.getcwd() not in sys.path:      # a script's imports see its own folder, not the current one
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise UserError(f"--reward {spec}: cannot import {module_name} ({type(e).__name__}: {e}); it must be importable "
-                        "from the current folder or PYTHONPATH") from None
-    if not hasattr(module, name):
-        raise UserError(f"--reward {spec}: {module_name} ({module.__file__}) has no function {name}")
-    fn = getattr(module, name)
-    if not callable(fn):
-        raise UserError(f"--reward {spec}: {module_name}.{name} is a {type(fn).__name__}, not a function")
-    try:
-        inspect.signature(fn).bind("response", "ground truth", timeout_s=5)
-    except TypeError as e:
-        raise UserError(f"--reward {spec}: it cannot be called as {name}(response, ground_truth, timeout_s=...) ({e}); "
-                        f"define it as def {name}(response, ground_truth, **extra)") from None
-    except ValueError:
-        pass                             # no signature to read (a builtin): its first call will tell
-    try:
-        pickle.dumps(fn)
-    except Exception as e:
-        raise UserError(f"--reward {spec}: the reward workers cannot import it by name ({e}); define it with def at the "
-                        f"top level of {module_name}") from None
-    if not isinstance(getattr(fn, "top_score", 1.0), (int, float)):
-        raise UserError(f"--reward {spec}: {name}.top_score is {fn.top_score!r}, not a number")
-    return fn
-
-
 def score(samples, args, tokenizer):
     """Fill "score" (the task's reward) and "correct" (whether the reward counts the answer as
     right) in each sample; returns how many timed out."""
@@ -2038,82 +782,6 @@ def share_correct(samples):
     return sum(s["correct"] for s in samples) / len(samples)
 
 
-def rollout_requests(prompts, args, rnd):
-    """(max new tokens, logprobs) of each prompt's request. Each prompt may be answered with what
-    is left of --max-len after it, as in the reference pipeline. vLLM's log-probs serve the
-    vLLM-vs-Megatron check (and --tis-cap): the loss takes Megatron's. They cost Python objects
-    per token in the thread that also schedules the GPU, so without --tis-cap only the first
-    prompt of an engine's share asks for them (logprobs=0: the sampled token's), in the first
-    round: its n samples are plenty to see a bad sync. --filter-groups drops a group whose
-    answers all score alike, log-probs and all, so there the first prompt of every round asks; a
-    step whose asking groups were all dropped has no check (no logp_diff_vllm_megatron).
-    Example: max_len 20, prompts of 3 and 10 tokens -> [(17, 0), (10, None)]"""
-    asks = rnd == 0 or args.filter_groups
-    return [(args.max_len - len(p), 0 if (args.tis_cap or (i == 0 and asks)) else None)
-            for i, p in enumerate(prompts)]
-
-
-def rollout_round(ctx, prompts, step, rnd, times):
-    """Phase 1, one round: this engine generates its share of `prompts` and scores it; every rank
-    gets every engine's samples back (TP and PP peers of a DP rank must train on identical rows,
-    and PP stages rolled out different prompts), in the order of `prompts` whatever the number
-    of engines, with the samples of one prompt contiguous."""
-    args, engine = ctx["args"], ctx["engine"]
-    places = range(ctx["engine_index"], len(prompts), ctx["engines"])        # this engine's prompts: their places in the round
-    mine = [prompts[k] for k in places]
-    requests = [ctx["sampling"](*request, seed=rollout_seed(args.seed, step, 1 + rnd, k))
-                for k, request in zip(places, rollout_requests([p for p, _ in mine], args, rnd))]
-    with timed(times, "rollout"):
-        outs = engine.generate([p for p, _ in mine], requests)
-    samples = []
-    for k, (prompt_ids, truth), group_outs in zip(places, mine, outs):
-        for resp, lps, finish in group_outs:
-            samples.append({"prompt_ids": prompt_ids, "response_ids": resp, "rollout_logps": lps,
-                            "truncated": finish == "length", "truth": truth, "place": k,
-                            "budget": args.max_len - len(prompt_ids)})
-    timed_out = 0
-    with timed(times, "reward"):
-        if ctx["tp_rank"] == 0:                  # TP peers hold the same samples: score once
-            timed_out = score(samples, args, ctx["tokenizer"])
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (samples, timed_out) if ctx["tp_rank"] == 0 else ([], 0))
-    all_samples = sorted((s for g in gathered[::args.tp] for s in g[0]), key=lambda s: s["place"])   # stable
-    return all_samples, sum(g[1] for g in gathered)
-
-
-def rollout(ctx, step, m, times):
-    """Phases 1-2: generate and score; with --filter-groups, keep only the groups whose rewards
-    differ and roll out more prompts until the step has --prompts-per-step of them (or
-    --filter-max-rounds is reached). Returns the samples to train on, on every rank."""
-    args = ctx["args"]
-    kept, seen, rounds, timeouts, preempted = [], [], 0, 0, ctx["engine"].counter("vllm:num_preemptions")
-    n = args.n_samples_per_prompt
-    while rounds < (args.filter_max_rounds if args.filter_groups else 1):
-        prompts = [ctx["train"][i] for i in take_prompts(ctx["data_state"], args.prompts_per_step, args.seed)]
-        samples, t = rollout_round(ctx, prompts, step, rounds, times)
-        rounds, timeouts, seen = rounds + 1, timeouts + t, seen + samples
-        shape_rewards(samples, args)
-        kept += keep_informative(samples, n) if args.filter_groups else samples
-        if len(kept) >= args.prompts_per_step * n:
-            break
-    groups = min(len(kept) // n, args.prompts_per_step) // ctx["dp"] * ctx["dp"]   # whole groups per DP rank
-    kept = kept[:groups * n]
-    scores = torch.tensor([s["score"] for s in seen])
-    lengths = [len(s["response_ids"]) for s in seen]
-    m.update({"reward": sum(s["reward"] for s in seen) / len(seen), "score": float(scores.mean()),
-              "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-              "accuracy": share_correct(seen),
-              "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
-              "generated_tokens": sum(lengths), "truncated_frac": sum(s["truncated"] for s in seen) / len(seen),
-              "reward_timeouts": timeouts, "rollout_digest": digest(seen)})
-    if args.filter_groups:
-        m.update({"filter_rounds": rounds, "filter_dropped_frac": 1 - len(kept) / len(seen),
-                  "filter_groups_trained": groups})
-    if preempted is not None:
-        m["vllm_preemptions"] = ctx["engine"].counter("vllm:num_preemptions") - preempted
-    return kept
-
-
 def shape_rewards(samples, args):
     """The reward GRPO trains on, from each sample's "score": plus the soft overlong penalty with
     --overlong-buffer; and "in_loss" 0 for a truncated answer with --overlong-filter (it carries
@@ -2128,21 +796,9 @@ def shape_rewards(samples, args):
         s["in_loss"] = 0.0 if (args.overlong_filter and s["truncated"]) else 1.0
 
 
-def keep_informative(samples, n):
-    """The samples of the prompts whose n rewards are not all equal (--filter-groups)."""
-    keep = informative_groups(torch.tensor([s["reward"] for s in samples]), n).tolist()
-    return [s for g, k in enumerate(keep) if k for s in samples[g * n:(g + 1) * n]]
-
-
-def digest(samples):
-    """A short hash of every generated token of the step: equal digests, equal rollouts (used to
-    check that a resumed run draws the same samples)."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(str(s["response_ids"]).encode())
-    return h.hexdigest()[:16]
-
-
+# ==============================================================================================
+# 3. Group advantages and the batch: rows of prompt + response, right-padded
+# ==============================================================================================
 def prepare_batch(ctx, samples, m):
     """Phase 3: group advantages over all samples, then this DP rank's contiguous share."""
     args = ctx["args"]
@@ -2158,9 +814,402 @@ def prepare_batch(ctx, samples, m):
     return make_batch(samples[ctx["dp_rank"] * per_dp:(ctx["dp_rank"] + 1) * per_dp])
 
 
+def keep_informative(samples, n):
+    """The samples of the prompts whose n rewards are not all equal (--filter-groups)."""
+    keep = informative_groups(torch.tensor([s["reward"] for s in samples]), n).tolist()
+    return [s for g, k in enumerate(keep) if k for s in samples[g * n:(g + 1) * n]]
+
+
+def make_batch(samples, pad_id=0):
+    """Stack samples into the tensors one training step reads.
+
+    Row b is prompt + response, right-padded. Position t's logits predict token t+1, so the
+    per-token tensors are aligned with *inputs*: targets[b, t] = tokens[b, t+1], and
+    mask[b, t] = 1 exactly where that target is a response token (times the sample's "in_loss",
+    0 for an answer filtered out of the loss, e.g. by --overlong-filter).
+    Right padding needs no attention mask: attention is causal, so no real token sees a pad.
+
+    samples: list of dicts with prompt_ids, response_ids, advantage, rollout_logp (per response
+    token, or None where vLLM was not asked for them), optional in_loss (default 1)
+    -> tokens, targets, mask, rollout_logp: [B, L];  advantages, lengths, has_rollout_logp: [B]
+    Example: prompt [5, 6], response [7, 8] -> tokens [5, 6, 7, 8], targets [6, 7, 8, pad],
+             mask [0, 1, 1, 0]: logits at 6 score 7, logits at 7 score 8.
+    """
+    L = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
+    B = len(samples)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.float32)
+    rollout_logp = torch.zeros((B, L), dtype=torch.float32)
+    has_rollout_logp = torch.zeros(B, dtype=torch.float32)
+    for b, s in enumerate(samples):
+        p, r = len(s["prompt_ids"]), len(s["response_ids"])
+        tokens[b, :p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"])
+        mask[b, p - 1:p + r - 1] = float(s.get("in_loss", 1))
+        if s.get("rollout_logp") is not None:
+            rollout_logp[b, p - 1:p + r - 1] = torch.tensor(s["rollout_logp"], dtype=torch.float32)
+            has_rollout_logp[b] = 1
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = pad_id
+    advantages = torch.tensor([s.get("advantage", 0.0) for s in samples], dtype=torch.float32)
+    lengths = torch.tensor([len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples])
+    return {"tokens": tokens, "targets": targets, "mask": mask, "rollout_logp": rollout_logp,
+            "advantages": advantages, "lengths": lengths, "has_rollout_logp": has_rollout_logp}
+
+
+def select_rows(batch, rows):
+    """The sub-batch of the given row indices (every tensor of the batch, row-wise)."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def micro_batches(batch, max_tokens):
+    """Cut a batch into micro batches of at most `max_tokens` (rows x padded length), rows sorted
+    by length and each micro batch trimmed to its longest row: response lengths vary from tens to
+    thousands of tokens, and a row padded to the batch's longest would mostly compute padding.
+    Returns a list of (row indices, micro batch dict)."""
+    lengths = batch["lengths"]
+    order = torch.argsort(lengths, descending=True).tolist()
+    out, cur = [], []
+    for i in order:
+        longest = int(lengths[cur[0]]) if cur else int(lengths[i])
+        if cur and (len(cur) + 1) * longest > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    result = []
+    for rows in out:
+        L = int(lengths[rows[0]])
+        idx = torch.tensor(rows)
+        result.append((rows, {k: (v[idx, :L] if v.dim() == 2 else v[idx]) for k, v in batch.items()}))
+    return result
+
+
+def mini_batch_rows(num_rows, num_mini_batches, rng):
+    """Shuffled row indices cut into `num_mini_batches` near-equal parts, one optimizer step each
+    (verl's ppo_mini_batch_size, TRL's steps per generation). Rows, never tokens, are split, so
+    each mini-batch's loss is the exact token mean (or chosen mean) of its own rows.
+    Example: 5 rows, 2 mini-batches -> e.g. [[3, 0, 4], [1, 2]]"""
+    order = list(range(num_rows))
+    rng.shuffle(order)
+    k = min(num_mini_batches, num_rows)
+    return [order[num_rows * i // k:num_rows * (i + 1) // k] for i in range(k)]
+
+
+# ==============================================================================================
+# 4-5. Log-probs and the policy update, on Megatron
+# ==============================================================================================
+def build_trainer(cfg, args, dtype=torch.bfloat16, device="cuda"):
+    """Policy (DDP-wrapped GPTModel, loaded from args.load) and Megatron's (distributed) Adam.
+
+    The checkpoint is loaded *before* the optimizer is built: a mixed-precision optimizer copies
+    the bf16 weights into its fp32 master weights when it is created and writes those back after
+    every step, so weights loaded later would be replaced by the random init at the first step.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    # calculate_per_token_loss: the loss function returns (sum, normaliser); Megatron sums both
+    # over micro batches and DP ranks and divides once -> an exact mean over the whole batch.
+    config = convert.transformer_config(
+        cfg, dtype, args.tp, args.pp, use_cpu_initialization=device == "cpu", perform_initialization=True,
+        calculate_per_token_loss=True, variable_seq_lengths=args.pp > 1, **memory.recompute_settings(args.recompute))
+    model = convert.build_model(cfg, config)
+    if device != "cpu":
+        model.cuda()
+    if args.load:                  # None in --benchmark: random weights
+        convert.load_mcore(model, args.load)
+    # bf16 gradient reduction halves the grad buffer (2 instead of 4 bytes per parameter); the
+    # optimizer still accumulates in fp32 master weights. Sums over many DP ranks lose a little
+    # precision, which is why fp32 stays the default where memory allows.
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.grad_reduce_dtype == "fp32", use_distributed_optimizer=args.distributed_optimizer,
+        average_in_collective=False, overlap_grad_reduce=False)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    # Without finalize_model_grads no gradient is ever reduced over data-parallel ranks, and it is
+    # what divides by the global normaliser.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=1e-8, clip_grad=args.grad_clip, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=args.distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    apply_weight_decay_multipliers(optimizer, args.weight_decay)
+    for inner in memory.torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            # torch's default "foreach" AdamW computes each step's temporaries for all parameters
+            # at once (4 more bytes per parameter at the step's peak); one tensor at a time they
+            # are the size of the largest tensor, for a few milliseconds more per step.
+            group["foreach"] = False
+    if args.adam_moments == "host":
+        t0 = time.time()
+        memory.stream_adam_moments(optimizer)
+        log0(f"Adam's moments: {sum(p.numel() for p in memory.optimizer_tensors(optimizer)) * 8 / GIB:.1f} GiB of "
+             f"pinned host memory in {time.time() - t0:.0f}s")
+    return ddp, optimizer
+
+
+def apply_weight_decay_multipliers(optimizer, weight_decay):
+    """Norm weights and biases are not decayed: get_megatron_optimizer puts them in param groups
+    with wd_mult 0, but only Megatron-LM's OptimizerParamScheduler ever multiplies it in; we run
+    without one, so without this every group would decay by the full weight_decay — pulling
+    RMSNorm gains toward 0 and the qkv biases with them."""
+    for inner in memory.torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+
 def needs_old_logp_pass(args):
     """A separate old-log-prob forward is needed once the policy moves within a batch."""
     return args.old_logp_pass or args.mini_batches * args.epochs > 1
+
+
+def compute_logprobs(model, batch, args):
+    """Per-token log-probs of the batch under `model` (no grad), [B, L], on the last PP stage.
+
+    Computed by Megatron, not taken from vLLM: the ratio logp/old_logp must compare the same
+    numerics, or kernel differences between the engines would look like policy change and get
+    clipped. Under no_grad, not inference_mode: Megatron's rotary embedding caches tensors,
+    and inference-mode tensors in that cache break the backward pass later.
+    """
+    from megatron.core import parallel_state as ps
+    B, Lmax = batch["tokens"].shape
+    out = torch.zeros(B, Lmax)
+    mbs = micro_batches(batch, args.micro_batch_tokens)
+
+    def loss_fn(logp, _ent, mb):
+        # forward_only: the schedule still takes (loss, normaliser, stats) from a loss function,
+        # but nothing is backpropagated and only the stats (the log-probs themselves) are read
+        return logp.new_zeros(()), torch.ones((), dtype=torch.int, device=logp.device), {"logp": logp.detach()}
+    model.eval()
+    with torch.no_grad():
+        res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, True, args)
+    model.train()
+    if ps.is_pipeline_last_stage():
+        for (rows, mb), r in zip(mbs, res):
+            out[torch.tensor(rows), :r["logp"].shape[1]] = r["logp"].float().cpu()
+    return out
+
+
+def reference_logprobs(ref, batch, args):
+    """The frozen initial policy's log-probs; it visits the GPU for this forward only."""
+    if not args.ref_on_gpu:
+        memory.restore_reference(ref)
+    out = compute_logprobs(ref, batch, args)
+    if not args.ref_on_gpu:
+        memory.offload_reference(ref)
+    return out
+
+
+def token_logprobs(logits, targets, temperature):
+    """log pi(target) per position, for any TP: logits are vocab-sharded [..., V/tp] and
+    vocab_parallel_cross_entropy does the softmax across the shards. Temperature divides the
+    logits exactly as vLLM's sampler does, so the two sides measure the same distribution.
+    logits [..., V/tp], targets [...] -> [...]"""
+    from megatron.core import tensor_parallel
+    # The cross entropy upcasts a bf16 input itself and then works in place on that fp32 copy, so
+    # at T = 1 bf16 logits go in as they are: one fp32 copy of the logits less. fp32 logits must
+    # be copied, or the in-place work would overwrite the model's output.
+    if temperature != 1.0 or logits.dtype == torch.float32:
+        logits = logits.float() / temperature
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
+
+def vocab_parallel_entropy(logits):
+    """Entropy of softmax(logits) per position, the vocabulary sharded over TP (no gradient):
+
+        H = log Z - sum_v p_v z_v,   log Z = m + log sum_v exp(z_v - m)
+
+    Three sums over the shards (max, sum of exp, sum of p*z) make it exact for any TP.
+    logits [..., V/tp] -> [...]"""
+    from megatron.core import parallel_state as ps
+    group = ps.get_tensor_model_parallel_group()
+    z = logits.float()
+    m = z.max(dim=-1, keepdim=True).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m)
+    sums = torch.stack([e.sum(dim=-1), (e * z).sum(dim=-1)])
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=group)
+    return m.squeeze(-1) + sums[0].log() - sums[1] / sums[0]
+
+
+def forward_hidden(model, tokens, position_ids):
+    """GPTModel's forward up to, not including, its output layer: the final-normed hidden states
+    [b, s, h] (on the last pipeline stage; other stages return what they send on).
+
+    GPTModel would multiply them by the [V/tp, h] output matrix at once: for a micro batch of
+    8192 tokens and Qwen's 151936-token vocabulary that is 2.5 GB of bf16 logits, plus the
+    cross entropy's fp32 copy and the same again for their gradient. `chunked_logprobs` does the
+    projection a chunk of tokens at a time instead. For this one call the output layer hands its
+    input back unchanged (an instance attribute shadows the class's forward)."""
+    gpt = _gpt(model)
+    head = gpt.output_layer if gpt.post_process else None
+    if head is not None:
+        head.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+    try:
+        return model(tokens, position_ids, None)
+    finally:
+        if head is not None:
+            del head.forward
+
+
+def _gpt(model):
+    """The GPTModel inside Megatron's DDP wrapper (the reference model has none)."""
+    return getattr(model, "module", model)
+
+
+def chunked_logprobs(model, hidden, targets, temperature, chunk_tokens, entropy_out=None):
+    """log pi(target) per position from the final hidden states, `chunk_tokens` tokens at a time.
+
+    Each chunk runs the output layer and the cross entropy under activation checkpointing, so
+    only one chunk's logits exist at a time in the forward, and the backward recomputes them one
+    chunk at a time: the [tokens, vocabulary] logits are never whole. The price is one more
+    output-layer matmul per token in the backward. chunk_tokens 0: one chunk.
+    With `entropy_out` (a list), the policy's entropy per position is appended (no gradient).
+    hidden [b, s, h], targets [b, s] -> [b, s]
+    """
+    from torch.utils.checkpoint import checkpoint
+    gpt = _gpt(model)
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    b, s, h = hidden.shape
+    flat_h = hidden.reshape(b * s, 1, h)              # the output layer reads [tokens, batch, h]
+    flat_t = targets.reshape(b * s, 1)
+    chunk = chunk_tokens or b * s
+
+    def head_logprobs(hc, tc, calls):
+        calls.append(1)
+        logits, _ = gpt.output_layer(hc, weight=weight)  # [c, 1, V/tp]
+        if entropy_out is not None and len(calls) == 1:   # not again when the backward recomputes the chunk
+            with torch.no_grad():
+                entropy_out.append(vocab_parallel_entropy(logits.detach() / temperature).reshape(-1))
+        return token_logprobs(logits, tc, temperature)
+
+    out = []
+    for i in range(0, b * s, chunk):
+        hc, tc = flat_h[i:i + chunk], flat_t[i:i + chunk]
+        if torch.is_grad_enabled() and chunk < b * s:
+            out.append(checkpoint(head_logprobs, hc, tc, [], use_reentrant=False))
+        else:
+            out.append(head_logprobs(hc, tc, []))
+    logp = torch.cat(out).reshape(b, s)
+    if entropy_out is not None and entropy_out:
+        entropy_out[:] = [torch.cat(entropy_out).reshape(b, s)]
+    return logp
+
+
+def _run_micro_batches(model, mbs, loss_fn, forward_only, args, entropy=False):
+    """Megatron's pipeline schedule over our micro batches; returns the loss_fn results (last
+    stage). On the last stage the schedule's "output tensor" is the per-token log-prob [b, s]
+    (and the entropy, when asked): loss_fn(logp, ent, mb) turns it into the loss."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    device = next(model.parameters()).device
+    last = _gpt(model).post_process
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        tokens = mb["tokens"]
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        out = forward_hidden(model, tokens, position_ids)   # [b, s, h] on the last stage
+        if not last:
+            return out, None
+        ent = [] if entropy else None
+        logp = chunked_logprobs(model, out, mb["targets"], args.temperature, args.logits_chunk_tokens, ent)
+        return logp, lambda lp: loss_fn(lp, ent[0] if ent else None, mb)
+    L = max(mb["tokens"].shape[1] for mb in mbs)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),
+        seq_length=L, micro_batch_size=max(mb["tokens"].shape[0] for mb in mbs), forward_only=forward_only)
+
+
+def norm_len(args):
+    """Dr. GRPO's constant normaliser: the response budget of a prompt of the longest allowed length."""
+    return args.max_len - (args.toy_prompt_len if args.toy_token is not None else args.max_prompt_len)
+
+
+def train_on_batch(model, optimizer, batch, args, rng):
+    """--epochs passes over the batch, each cut into --mini-batches shuffled mini-batches, one
+    optimizer step per mini-batch (the GRPO paper's mu iterations; TRL's num_iterations, verl's
+    ppo_epochs and ppo_mini_batch_size). Stats are summed over all steps; grad_norm is the mean."""
+    total, norms, skipped = {}, [], 0.0
+    for epoch in range(args.epochs):
+        for i, rows in enumerate(mini_batch_rows(batch["tokens"].shape[0], args.mini_batches, rng)):
+            if epoch or i:               # the state goes back to host memory while activations live
+                memory.offload_optimizer(optimizer)
+            s = update_step(model, optimizer, select_rows(batch, rows), args)
+            norms.append(s.pop("grad_norm"))
+            skipped += s.pop("update_skipped")
+            for key, v in s.items():
+                total[key] = total.get(key, 0.0) + v
+    total["grad_norm"] = sum(norms) / len(norms)
+    total["update_skipped"] = skipped
+    total["optimizer_steps"] = float(len(norms))
+    return total
+
+
+def shuffle_rng(args, step):
+    """The mini-batch shuffle's random stream: a seed of its own each step (rollout_seed's stream
+    99, which no rollout round reaches), so that a resumed step shuffles as it would have."""
+    return random.Random(rollout_seed(args.seed, step, 99))
+
+
+def update_step(model, optimizer, batch, args):
+    """One optimizer step over `batch` (micro batches accumulate gradients). Returns stats
+    (sums over this DP rank's rows; reduced over DP by the caller).
+
+    Old log-probs: PPO's ratio compares the policy being updated with the one that sampled. With
+    one optimizer step per rollout batch (the default) the two are the same weights before that
+    step, so the "old" log-probs are exactly the log-probs this forward computes:
+    `logp.detach()`. The ratio is then 1 in value and its gradient is grad(logp), the policy
+    gradient; a separate forward would recompute the same numbers (up to kernel noise) at the
+    cost of a whole extra pass. With several steps per batch (or --old-logp-pass), batch["old_logp"]
+    comes from a forward before the first step.
+    The old log-probs are also compared with vLLM's log-probs of the same sampled tokens
+    (`logp_diff`): a stale or wrong weight sync, or two different models, show up there."""
+    from megatron.core import parallel_state as ps
+    mbs = micro_batches(batch, args.micro_batch_tokens)
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    use_ref, use_old = "ref_logp" in batch, "old_logp" in batch
+
+    def loss_fn(logp, ent, mb):
+        old = mb["old_logp"] if use_old else logp.detach()
+        weights, normaliser = loss_weights(mb["mask"], args.loss_agg, norm_len(args))
+        is_w = tis_weights(old, mb["rollout_logp"], args.tis_cap) if args.tis_cap else None
+        loss_sum, stats = policy_loss(logp, old, mb["advantages"], weights, args.clip_ratio_low, args.clip_ratio_high,
+                                      args.kl_coef, mb["ref_logp"] if use_ref else None, is_w, args.clip_ratio_c)
+        # old is the policy that sampled, as Megatron computes it: compared with vLLM's numbers
+        checked = mb["mask"] * mb["has_rollout_logp"].unsqueeze(1)
+        stats["logp_diff"] = masked_sum((old - mb["rollout_logp"]).abs(), checked)
+        stats["logp_diff_tokens"] = checked.sum()
+        if is_w is not None:
+            stats["tis_weight"] = masked_sum(is_w, (weights > 0).float())
+        if ent is not None:   # a token mean under every --loss-agg: a property of the policy, not of the loss
+            stats["entropy"] = masked_sum(ent, (weights > 0).float())
+        stats = {k: v.detach() for k, v in dict(stats, loss=loss_sum.detach(), normaliser=normaliser).items()}
+        return loss_sum, normaliser, stats
+    res = _run_micro_batches(model, [mb for _, mb in mbs], loss_fn, False, args, entropy=True)
+    ok, grad_norm = optimizer_step(model, optimizer, args)
+    stats = {}
+    if ps.is_pipeline_last_stage():
+        for r in res:
+            for k, v in r.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+    stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    stats["update_skipped"] = float(not ok)
+    return stats
+
+
+def optimizer_step(model, optimizer, args):
+    """optimizer.step(), with the optimizer state brought back from host memory just for it: the
+    forward/backward's activations are freed by now, so activations and the 12 bytes per
+    parameter of Adam state never sit on the GPU together."""
+    memory.restore_optimizer(optimizer)
+    ok, grad_norm, _ = optimizer.step()
+    return ok, grad_norm
 
 
 def reduce_stats(stats, ctx):
@@ -2175,6 +1224,50 @@ def reduce_stats(stats, ctx):
     return dict(zip(keys, t.tolist()))
 
 
+def step_metrics(red, stats, measure_kl):
+    """The update's metrics from the job-wide sums (see reduce_stats)."""
+    tok = max(red["loss_tokens"], 1.0)
+    m = {"loss": red["loss"] / max(red["normaliser"], 1.0), "pg_loss": red["pg_loss"] / tok,
+         "clip_frac": red["clip_frac"] / tok, "clip_frac_dual": red["clip_frac_dual"] / tok,
+         "neg_logp": red["neg_logp"] / tok, "ratio_mean": red["ratio"] / tok,
+         "entropy": red["entropy"] / tok, "grad_norm": stats["grad_norm"],
+         "update_skipped": stats["update_skipped"], "optimizer_steps": stats["optimizer_steps"]}
+    if red["logp_diff_tokens"] > 0:
+        m["logp_diff"] = red["logp_diff"] / red["logp_diff_tokens"]
+    if red["tis_weight"]:
+        m["tis_weight_mean"] = red["tis_weight"] / tok
+    if measure_kl:
+        m["kl"] = red["kl"] / tok
+    return m
+
+
+@contextlib.contextmanager
+def train_memory_gauge(ctx, m):
+    """gpu_peak_train_gib: the GPU memory in use at the peak of phases 4-5, as the driver counts
+    it (vLLM's sleeping share included), from the allocator's peak over the block."""
+    if not ctx["gpu"]:
+        yield
+        return
+    used0, reserved0 = memory.gpu_used(), torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    m["gpu_peak_train_gib"] = (used0 + torch.cuda.max_memory_reserved() - reserved0) / GIB
+
+
+# ==============================================================================================
+# 6. Weight sync: Megatron -> engine (the offload before it: memory.offload_trainer)
+# ==============================================================================================
+def sync_weights(model, engine, cfg):
+    """Megatron -> engine, one full tensor at a time: convert.export_hf gathers TP shards and PP
+    stages and splits fused qkv / gate-up back to HF names."""
+    engine.load_weights(convert.export_hf(model.module, cfg))
+    # Cached prefixes were computed with the old weights: reusing them would be silently wrong.
+    engine.reset_prefix_cache()
+
+
+# ==============================================================================================
+# 7. Evaluation
+# ==============================================================================================
 def evaluate(ctx, step, m):
     """Accuracy on the first --eval-prompts test prompts, each engine answering its share once
     (greedy with --eval-temperature 0). The scored answers go to OUT/eval/step_N.jsonl."""
@@ -2206,7 +1299,28 @@ def evaluate(ctx, step, m):
         os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
         with open(os.path.join(args.out, "eval", f"step_{step:06d}.jsonl"), "w") as f:
             for text, (_, truth), r, a in zip(texts, rows, scores, acc):
-                f.write(json.dumps({"response": text, "ground_truth": truth, "reward": r, "correct": a}) + "\n")
+                f.write(json.dumps({"response": text, "ground_truth": truth, "score": r, "correct": a}) + "\n")
+
+
+# ==============================================================================================
+# Set-up: the layout, the device, the prompts, the models
+# ==============================================================================================
+def check_run(args):
+    """The model's config, the layout and the output folder, checked before anything starts:
+    (config, engines, DP size)."""
+    if args.benchmark:
+        cfg = convert.qwen_config(args.benchmark)
+    else:
+        cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
+        convert.check_mcore_shape(args.load, cfg, os.path.join(args.hf_dir, "config.json"))
+    convert.check_parallel_sizes(cfg, args.tp, args.pp)
+    engines, dp = rollout_layout(args.prompts_per_step, int(os.environ.get("WORLD_SIZE", "1")), args.tp, args.pp)
+    if args.mini_batches > args.prompts_per_step // dp * args.n_samples_per_prompt:
+        raise UserError(f"--mini-batches {args.mini_batches} is more than the {args.prompts_per_step // dp * args.n_samples_per_prompt} "
+                        "samples each data-parallel rank trains on per step")
+    if not args.benchmark:
+        check_out_dir(args.out, args.resume)
+    return cfg, engines, dp
 
 
 def start_device(args, cfg, dp):
@@ -2215,17 +1329,17 @@ def start_device(args, cfg, dp):
     On GPUs (the default): NCCL, one GPU per rank, bf16 weights, and the memory plan fills the
     memory flags the user left unset. With --device cpu the same loop runs on gloo with fp32
     weights and the TorchEngine (create_engine), and this is all that changes:
-    - Megatron is taught to train without CUDA (megatron_training_on_cpu);
+    - Megatron is taught to train without CUDA (convert.megatron_training_on_cpu);
     - no memory plan: the memory flags get the fastest setting, as on a GPU with room to spare,
-      and the GPU-only ones are refused when given (check_device_flags);
-    - the memory choreography has nothing to move: offload_trainer, restore_grads,
-      park_reference and fetch_reference return at once for tensors on the CPU, and the
-      engine's sleep and wake_up do nothing; the GPU memory gauges are not logged.
+      and the GPU-only ones are refused when given (memory.check_device_flags);
+    - the memory choreography has nothing to move: memory's offload and restore functions
+      return at once for tensors on the CPU, and the engine's sleep and wake_up do nothing; the
+      GPU memory gauges are not logged.
     """
     if args.device == "cpu":
-        megatron_training_on_cpu()
+        convert.megatron_training_on_cpu()
         convert.init_distributed(args.tp, args.pp, use_cuda=False)
-        for k, v in CPU_MEMORY_SETTINGS.items():
+        for k, v in memory.CPU_MEMORY_SETTINGS.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
         torch.manual_seed(args.seed)
@@ -2234,9 +1348,9 @@ def start_device(args, cfg, dp):
         raise UserError("grpo.py needs CUDA GPUs (vLLM and the Megatron trainer run on them); --device cpu runs the "
                         "same loop on the CPU, slowly, with a plain PyTorch engine instead of vLLM")
     convert.init_distributed(args.tp, args.pp, use_cuda=True)      # (sets each rank's GPU)
-    plan = plan_and_pick_defaults(args, cfg, dp, gpu_bytes=torch.cuda.mem_get_info()[1])
+    plan = memory.plan_and_pick_defaults(args, cfg, dp, gpu_bytes=torch.cuda.mem_get_info()[1])
     if dist.get_rank() == 0:
-        print(format_memory_plan(plan), flush=True)
+        print(memory.format_memory_plan(plan), flush=True)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     # These seeds make the random initial weights of --benchmark (and Megatron's TP RNG tracker)
     # the same on every run; the data order and each step's sampling have seeds of their own.
@@ -2244,41 +1358,17 @@ def start_device(args, cfg, dp):
     model_parallel_cuda_manual_seed(args.seed)
 
 
-def run(args):
-    # ---- the model, the layout, the memory plan: all checked before anything starts ---------------
-    if args.benchmark:
-        cfg = convert.qwen_config(args.benchmark)
-    else:
-        cfg = convert.resolve_config(args.model_size, os.path.join(args.hf_dir, "config.json"))
-        convert.check_mcore_shape(args.load, cfg, os.path.join(args.hf_dir, "config.json"))
-    convert.check_parallel_sizes(cfg, args.tp, args.pp)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    engines, dp = rollout_layout(args.prompts_per_step, world, args.tp, args.pp)
-    if args.mini_batches > args.prompts_per_step // dp * args.n_samples_per_prompt:
-        raise UserError(f"--mini-batches {args.mini_batches} is more than the {args.prompts_per_step // dp * args.n_samples_per_prompt} "
-                        "samples each data-parallel rank trains on per step")
-    if not args.benchmark:
-        check_out_dir(args.out, args.resume)
-    start_device(args, cfg, dp)
-    rank = dist.get_rank()
-    if args.benchmark:             # vLLM reads only config.json (dummy weights, no tokenizer)
-        args.hf_dir = os.path.join(args.out, "benchmark-hf")
-        if int(os.environ["LOCAL_RANK"]) == 0:
-            os.makedirs(args.hf_dir, exist_ok=True)
-            with open(os.path.join(args.hf_dir, "config.json"), "w") as f:
-                json.dump(dict(cfg, torch_dtype="bfloat16"), f)
-        dist.barrier()
+def load_prompts(args, cfg, engines, dp):
+    """The prompt sets (tokenized) and the run's context: what every phase reads (ctx)."""
     from megatron.core import parallel_state as ps
-    gpu = args.device == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-
-    # ---- data ----------------------------------------------------------------------------------
     tokenizer = None
+    if args.benchmark:
+        bench.write_config(args, cfg)
     if args.toy_token is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
-        train, dropped = tokenize(tokenizer, load_prompt_file(os.path.join(args.data, "train.json")), args.max_prompt_len)
-        test, _ = tokenize(tokenizer, load_prompt_file(os.path.join(args.data, "test.json")), args.max_prompt_len)
+        train, dropped = tokenize(tokenizer, prepare.load_prompt_file(os.path.join(args.data, "train.json")), args.max_prompt_len)
+        test, _ = tokenize(tokenizer, prepare.load_prompt_file(os.path.join(args.data, "test.json")), args.max_prompt_len)
         log0(f"prompts: {len(train)} train ({dropped} dropped: longer than {args.max_prompt_len} tokens), {len(test)} test")
         if not train:
             raise UserError(f"no training prompt fits --max-prompt-len {args.max_prompt_len}")
@@ -2289,193 +1379,324 @@ def run(args):
         train = [([rng.randrange(cfg["vocab_size"]) for _ in range(args.toy_prompt_len)], None) for _ in range(4096)]
         test, stop_ids = [], []
 
-    # ---- models --------------------------------------------------------------------------------
-    model, optimizer = build_trainer(cfg, args, dtype, args.device)
-    ref = None
-    if args.kl_coef > 0 or args.kl_log_interval > 0:
-        # The frozen initial policy, for KL: params only (no grads, no optimizer), kept in host
-        # memory between its forwards unless --ref-on-gpu.
-        ref = convert.build_model(cfg, convert.transformer_config(cfg, dtype, args.tp, args.pp, use_cpu_initialization=not gpu,
-                                                                 variable_seq_lengths=args.pp > 1)).to(args.device)
-        if args.load:
-            convert.load_mcore(ref, args.load)
-        else:
-            ref.load_state_dict(model.module.state_dict())
-        ref.requires_grad_(False)
-        if not args.ref_on_gpu:
-            park_reference(ref)
-    ckpt_root = os.path.join(args.out, "checkpoints")
-    resume_from = complete_checkpoints(ckpt_root)[-1:] if args.resume else []
-    train_state = {}
-    if resume_from:
-        train_state = load_checkpoint(resume_from[0][1], model, optimizer)
-        log0(f"resuming after step {train_state['step']} from {resume_from[0][1]}")
-        check_prompt_set(train_state.get("prompt_set"), prompt_set_fingerprint(train), args.data)
-
-    # ---- the engine ----------------------------------------------------------------------------
-    enter_phase(args, 0, "start vLLM")
-    offload_trainer(model, optimizer)
-    t0 = time.time()
-    engine = create_engine(args, cfg)
-    log0(f"{type(engine).__name__} up in {time.time() - t0:.0f}s")
-    sync_weights(model, engine, cfg)
-
     def sampling(max_tokens, logprobs, seed=None):
         return sampling_request(args.n_samples_per_prompt, args.temperature, max_tokens, stop_ids, logprobs,
                                 seed=seed, ignore_eos=args.benchmark is not None)
-
-    os.makedirs(args.out, exist_ok=True)
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
-    ctx = {"args": args, "engine": engine, "tokenizer": tokenizer, "train": train, "test": test, "stop_ids": stop_ids,
-           "sampling": sampling, "engine_index": rank // args.tp, "engines": engines, "dp": dp, "device": args.device,
-           "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-           "data_state": train_state.get("data", {"order": order, "cursor": 0, "epoch": 0}),
-           "log_rank": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-                       and ps.get_data_parallel_rank() == 0}
-    start = train_state.get("step", 0) + 1
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if ctx["log_rank"]:
-        restore_metrics(metrics_path, start - 1, train_state.get("metrics"))
-    wandb_run = start_wandb(args, cfg, start - 1) if ctx["log_rank"] else None
+    rank = dist.get_rank()
+    return {"args": args, "tokenizer": tokenizer, "train": train, "test": test, "stop_ids": stop_ids,
+            "sampling": sampling, "rank": rank, "engine_index": rank // args.tp, "engines": engines, "dp": dp,
+            "device": args.device, "gpu": args.device == "cuda",
+            "dtype": torch.bfloat16 if args.device == "cuda" else torch.float32,
+            "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "data_state": {"order": order, "cursor": 0, "epoch": 0}, "prompt_set": prompt_set_fingerprint(train),
+            "log_rank": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                        and ps.get_data_parallel_rank() == 0,
+            "ckpt_root": os.path.join(args.out, "checkpoints"), "times": {}, "history": [], "diffs": []}
 
-    def log_line(m):
-        if ctx["log_rank"]:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if wandb_run is not None:
-                wandb_run.log(m, step=m["step"])
-            print(progress_line(m), flush=True)
 
-    if args.eval_interval and test and start == 1:        # the accuracy before any training
-        m = {"step": 0}
-        evaluate(ctx, 0, m)
-        log_line(m)
+def build_reference(cfg, args, model, dtype):
+    """The frozen initial policy, for the KL (None without one): params only (no grads, no
+    optimizer), kept in host memory between its forwards unless --ref-on-gpu."""
+    if not (args.kl_coef > 0 or args.kl_log_interval > 0):
+        return None
+    ref = convert.build_model(cfg, convert.transformer_config(cfg, dtype, args.tp, args.pp,
+                                                             use_cpu_initialization=args.device == "cpu",
+                                                             variable_seq_lengths=args.pp > 1)).to(args.device)
+    if args.load:
+        convert.load_mcore(ref, args.load)
+    else:
+        ref.load_state_dict(model.module.state_dict())
+    ref.requires_grad_(False)
+    if not args.ref_on_gpu:
+        memory.offload_reference(ref)
+    return ref
 
-    from tqdm import tqdm
-    history, diffs = [], []
-    for step in tqdm(range(start, args.steps + 1), desc="grpo", unit="step", disable=rank != 0, file=sys.stderr):
-        m, times = {"step": step}, {}
-        history.append(m)
-        # ---- 1-2. rollout and rewards (vLLM awake), then vLLM sleeps ----------------------------
-        enter_phase(args, step, "rollout")
-        samples = rollout(ctx, step, m, times)
-        if gpu:
-            m["gpu_used_rollout_gib"] = gpu_used() / 2**30
-        enter_phase(args, step, "sleep")
-        with timed(times, "sleep"):
-            engine.sleep(level=args.sleep_level)
-        # ---- 3. advantages, this rank's share -----------------------------------------------
-        enter_phase(args, step, "advantages")
-        batch = prepare_batch(ctx, samples, m)
-        if batch is not None:
-            # ---- 4. old and reference log-probs ---------------------------------------------
-            if gpu:
-                used0, reserved0 = gpu_used(), torch.cuda.memory_reserved()
-                torch.cuda.reset_peak_memory_stats()
-            with timed(times, "restore"):
-                restore_grads(model)
-            if needs_old_logp_pass(args):
-                enter_phase(args, step, "old log-probs")
-                with timed(times, "old_logprobs"):
-                    batch["old_logp"] = compute_logprobs(model, batch, args)
-            measure_kl = ref is not None and (args.kl_coef > 0 or step % args.kl_log_interval == 0)
-            if measure_kl:
-                enter_phase(args, step, "reference log-probs")
-                with timed(times, "ref_logprobs"):
-                    batch["ref_logp"] = reference_logprobs(ref, batch, args)
-            # ---- 5. policy update (and checkpoint) ------------------------------------------
-            enter_phase(args, step, "update")
-            stats, times["update"] = cuda_seconds(
-                lambda: train_on_batch(model, optimizer, batch, args, random.Random(rollout_seed(args.seed, step, 99))))
-            if gpu:
-                m["gpu_peak_train_gib"] = (used0 + torch.cuda.max_memory_reserved() - reserved0) / 2**30
-            m.update(step_metrics(reduce_stats(stats, ctx), stats, measure_kl))
-            if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
-                # Saved right after the update, while the optimizer state is on the GPU. A run killed
-                # after this point resumes at step + 1; killed before it, it redoes this step (from
-                # the previous checkpoint on): no completed step is lost or done twice.
-                enter_phase(args, step, "save")
-                with timed(times, "save"):
-                    save_checkpoint(ckpt_root, step, model, optimizer, cfg,
-                                    {"data": ctx["data_state"], "metrics": dict(m, **time_metrics(times)),
-                                     "prompt_set": prompt_set_fingerprint(train)},
-                                    args.keep_last)
-        # ---- 6. weight sync ---------------------------------------------------------------------
-        enter_phase(args, step, "sync")
-        with timed(times, "offload"):
-            offload_trainer(model, optimizer)
-        if gpu:
-            m["gpu_free_before_wake_gib"] = torch.cuda.mem_get_info()[0] / 2**30
-        enter_phase(args, step, "wake vLLM")
-        with timed(times, "wake"):
-            engine.wake_up(tags=["weights"])
-        with timed(times, "sync"):
-            sync_weights(model, engine, cfg)
-        with timed(times, "wake"):
-            engine.wake_up(tags=["kv_cache", "scheduling"])
-        # ---- 7. checks, evaluation, log ---------------------------------------------------------
-        m.update(time_metrics(times))
-        m["tokens_per_s_rollout"] = m["generated_tokens"] / max(times["rollout"], 1e-9) / engines
-        if "logp_diff_vllm_megatron" in m:
-            diffs.append(m["logp_diff_vllm_megatron"])
-            check_logp_diff(diffs, args, rank)
-        if args.eval_interval and test and step % args.eval_interval == 0:
-            enter_phase(args, step, "evaluation")
-            evaluate(ctx, step, m)
-        log_line(m)
-    if args.benchmark:
-        benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx)
-        convert.shutdown_distributed()
-        return
-    # ---- the trained policy -----------------------------------------------------------------------
-    final = os.path.join(args.out, "final")
-    if rank == 0 and os.path.isdir(final):
+
+def resume(ctx, model, optimizer):
+    """With --resume and a complete checkpoint in OUT: its weights, optimizer state, data order
+    and the metrics line of its step. Sets ctx["start"], the first step to run."""
+    args = ctx["args"]
+    found = complete_checkpoints(ctx["ckpt_root"])[-1:] if args.resume else []
+    state = load_checkpoint(found[0][1], model, optimizer) if found else {}
+    if found:
+        log0(f"resuming after step {state['step']} from {found[0][1]}")
+        check_prompt_set(state.get("prompt_set"), ctx["prompt_set"], args.data)
+        ctx["data_state"] = state.get("data", ctx["data_state"])
+    ctx["start"], ctx["saved_metrics"] = state.get("step", 0) + 1, state.get("metrics")
+
+
+def prompt_set_fingerprint(rows):
+    """{"rows": N, "sha256": short hash} of the prompts a run trains on, in order: (prompt, ground
+    truth) pairs, as the saved data order indexes them (after tokenize dropped the long ones).
+    Checkpoints record it, and a resume checks it: the saved order of another prompt set would
+    index the wrong prompts, or past the end of a shorter set."""
+    h = hashlib.sha256()
+    for prompt, truth in rows:
+        h.update(json.dumps([prompt, truth]).encode() + b"\n")
+    return {"rows": len(rows), "sha256": h.hexdigest()[:16]}
+
+
+def tokenize(tokenizer, rows, max_prompt_len):
+    """Chat-template each prompt (add_generation_prompt so the model answers as the assistant);
+    prompts longer than the budget are dropped and counted, never cut (a cut problem has a
+    different answer)."""
+    out, dropped = [], 0
+    for messages, truth in rows:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        out.append((list(ids), truth))
+    return out, dropped
+
+
+def rollout_layout(prompts_per_step, world, tp, pp):
+    """(engines, data-parallel size): one vLLM engine per TP group (so PP stages roll out as
+    extra engines), Megatron's data parallelism over TP x PP. UserError when the step's prompts
+    do not divide over the data-parallel ranks: a prompt without a rank to train on would be
+    rolled out, scored and counted in the reward, and never trained on."""
+    engines, dp = world // tp, world // (tp * pp)
+    if prompts_per_step % dp:
+        raise UserError(f"--prompts-per-step {prompts_per_step} does not divide over {dp} data-parallel ranks "
+                        f"(world {world} / TP {tp} / PP {pp}): use a multiple of {dp}")
+    return engines, dp
+
+
+# ==============================================================================================
+# Checkpoints and the run's files: resume where a killed run stopped, never mix two runs
+# ==============================================================================================
+def complete_checkpoints(root):
+    """[(step, path)] of the finished checkpoints under root, oldest first. A save is written to
+    step_N.tmp and renamed when every rank is done, so a run killed while saving leaves only a
+    .tmp folder, which is ignored here and cleared by the next save."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "train_state.json")):
+            out.append((int(name[5:]), path))
+    return sorted(out)
+
+
+def checkpoints_to_prune(checkpoints, keep_last):
+    """The paths to delete after a save: all but the newest `keep_last` complete checkpoints.
+    checkpoints: [(step, path)] oldest first, as complete_checkpoints returns them."""
+    return [path for _, path in checkpoints[:-keep_last]]
+
+
+def check_out_dir(out, resume):
+    """UserError when starting here would mix two runs or overwrite a finished one.
+
+    A fresh start (nothing to resume, or --no-resume) in a folder that holds another run's
+    checkpoints would interleave the two: the keep-last pruning ranks checkpoints by step, so
+    the old run's later steps would delete the new run's saves, and a plain rerun would resume
+    the old run. A finished run (final/) without checkpoints would be silently overwritten."""
+    found = complete_checkpoints(os.path.join(out, "checkpoints"))
+    if found and not resume:
+        raise UserError(f"--no-resume, but {os.path.join(out, 'checkpoints')} holds another run (up to step "
+                        f"{found[-1][0]}); choose a new --out or move that folder aside")
+    if not found and os.path.isdir(os.path.join(out, "final")):
+        raise UserError(f"{out} holds a finished run (final/) and no checkpoint to resume; choose a new --out "
+                        "or move it aside")
+
+
+def save_checkpoint(root, step, model, optimizer, cfg, train_state, keep_last):
+    """Model + optimizer (dist_checkpointing, any TP/PP can load the model), and the loop's state
+    (data position, the prompt set's fingerprint, the step's metrics line so far); then drop all but
+    the newest `keep_last`.
+
+    No RNG state is saved: every step's sampling is seeded from (--seed, step, prompt) by
+    `rollout_seed`, so a resumed run draws the same samples without one."""
+    import shutil
+    from megatron.core import dist_checkpointing
+    path = os.path.join(root, f"step_{step:06d}")
+    tmp = path + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_train_state_dict(model, optimizer), tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:   # written last: marks it complete
+            json.dump(dict(train_state, step=step), f)
+        os.replace(tmp, path)
+        for old in checkpoints_to_prune(complete_checkpoints(root), keep_last):
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def _train_state_dict(model, optimizer, is_loading=False):
+    # the unwrapped GPTModel's keys: the same as convert.py's, so convert.py exports either.
+    # The distributed optimizer's default format in megatron-core 0.16 ("fully_sharded_model_space")
+    # is rejected by its own dist_checkpointing ("flattened_range is not supported"): ask for
+    # "dp_reshardable", each rank saving its own shard (resume with the same TP x PP; DP may change).
+    msd = model.module.sharded_state_dict()
+    meta = {"distrib_optim_sharding_type": "dp_reshardable"}
+    return {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=is_loading, metadata=meta)}
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore what save_checkpoint wrote; returns the train state (step, data position, ...)."""
+    from megatron.core import dist_checkpointing
+    # megatron-core 0.16.1 without apex/TE reads Adam's "step" from every parameter's state while
+    # it plans the load, and a fresh optimizer has no state yet (AssertionError in state_dict()).
+    # Zero state of the right shapes makes the plan; the load then overwrites all of it.
+    for inner in memory.torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                          step=torch.tensor(0.0))
+    state = dist_checkpointing.load(_train_state_dict(model, optimizer, is_loading=True), path)
+    model.module.load_state_dict(state["model"])
+    # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into the optimizer's main
+    # params without it; with fp32 weights (--device cpu) the main params are the model's own
+    # leaf params, which autograd refuses to change in place.
+    with torch.no_grad():
+        optimizer.load_state_dict(state["optimizer"])
+    # ...and then its parameter-state load puts back the "step" of that zero state (0), which
+    # would restart Adam's bias correction. The saved step is in the loaded param groups.
+    for inner in memory.torch_optimizers(optimizer):
+        steps = {g["step"] for g in inner.param_groups if g.get("step") is not None}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for st in inner.state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(step)
+    # load_state_dict restored the saved param groups, weight decay included: re-apply ours.
+    apply_weight_decay_multipliers(optimizer, optimizer.config.weight_decay)
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+def check_prompt_set(saved, now, data_dir):
+    """UserError when a checkpoint trained on another prompt set than the one loaded now (fingerprints
+    from prompt_set_fingerprint). CKPT_DIR does not depend on DATA_DIR, so this is one changed
+    variable away. Checkpoints from before fingerprints were recorded (saved None) are not checked."""
+    if saved is not None and saved != now:
+        raise UserError(f"the checkpoint was trained on {saved['rows']} prompts (sha256 {saved['sha256']}), but --data "
+                        f"{data_dir} gives {now['rows']} (sha256 {now['sha256']}); resume with the prompt set it trained on "
+                        "(the same --data, --max-prompt-len and tokenizer) or start a new --out")
+
+
+def train_state(ctx, m):
+    """What a checkpoint carries besides the model and the optimizer: the data order, this step's
+    metrics as known when it is saved (see restore_metrics) and the prompt set's fingerprint.
+    Saved right after the update, while the optimizer state is on the GPU: a run killed after
+    this point resumes at step + 1; killed before it, it redoes this step (from the previous
+    checkpoint on): no completed step is lost or done twice."""
+    return {"data": ctx["data_state"], "metrics": dict(m, **time_metrics(ctx["times"])), "prompt_set": ctx["prompt_set"]}
+
+
+def save_final(ctx, model, cfg):
+    """The trained policy to OUT/final (convert.py turns it into an HF folder)."""
+    final = os.path.join(ctx["args"].out, "final")
+    if ctx["rank"] == 0 and os.path.isdir(final):
         import shutil
         shutil.rmtree(final)
     dist.barrier()
-    if rank == 0:
+    if ctx["rank"] == 0:
         os.makedirs(final)
     dist.barrier()
     convert.save_mcore(model.module, cfg, final)
     dist.barrier()
     log0(f"saved the policy to {final}")
-    if wandb_run is not None:
-        wandb_run.finish()
+    if ctx["wandb"] is not None:
+        ctx["wandb"].finish()
     prepare.close_reward_workers()
-    del engine
-    convert.shutdown_distributed()
 
 
-def reference_logprobs(ref, batch, args):
-    """The frozen initial policy's log-probs; it visits the GPU for this forward only."""
-    if not args.ref_on_gpu:
-        fetch_reference(ref)
-    out = compute_logprobs(ref, batch, args)
-    if not args.ref_on_gpu:
-        park_reference(ref)
-    return out
+# ==============================================================================================
+# Logging
+# ==============================================================================================
+def start_logging(ctx, cfg):
+    """metrics.jsonl (made to hold exactly the steps before ctx["start"]) and wandb, on the one
+    rank that logs; returns log(m), which writes a step's line with its phase times, and prints
+    the progress line."""
+    args = ctx["args"]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "metrics.jsonl")
+    ctx["wandb"] = None
+    if ctx["log_rank"]:
+        restore_metrics(path, ctx["start"] - 1, ctx["saved_metrics"])
+        ctx["wandb"] = start_wandb(args, cfg, ctx["start"] - 1)
+
+    def log(m):
+        m.update(time_metrics(ctx["times"]))
+        if "time_rollout" in m:
+            m["tokens_per_s_rollout"] = m["generated_tokens"] / max(m["time_rollout"], 1e-9) / ctx["engines"]
+        if ctx["log_rank"]:
+            with open(path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if ctx["wandb"] is not None:
+                ctx["wandb"].log(m, step=m["step"])
+            print(progress_line(m), flush=True)
+    return log
 
 
-def time_metrics(times):
-    return {f"time_{k}": v for k, v in times.items()}
+def restore_metrics(path, resume_step, saved_line=None):
+    """Make metrics.jsonl hold exactly the steps 1..resume_step, on every start.
+
+    Lines after the resume point are about to be redone (a run killed before its first
+    checkpoint restarts from step 0, so all of them); a torn last line (killed mid-write) is
+    dropped. The checkpoint carries its step's metrics as known when it was saved: the line is
+    written after the weight sync and the evaluation, and a run killed in between would lose it,
+    so it is put back from there (without the fields measured after the save). Rewritten
+    through a temp file and a rename: a crash here never leaves half a file."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and resume_step > 0 and row.get("step", -1) <= resume_step:
+                    rows.append(row)
+    if saved_line is not None and not any(r["step"] == resume_step for r in rows):
+        rows.append(saved_line)
+    rows.sort(key=lambda r: r["step"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
 
 
-def step_metrics(red, stats, measure_kl):
-    """The update's metrics from the job-wide sums (see reduce_stats)."""
-    tok = max(red["loss_tokens"], 1.0)
-    m = {"loss": red["loss"] / max(red["normaliser"], 1.0), "pg_loss": red["pg_loss"] / tok,
-         "clip_frac": red["clip_frac"] / tok, "clip_frac_dual": red["clip_frac_dual"] / tok,
-         "neg_logp": red["neg_logp"] / tok, "ratio_mean": red["ratio"] / tok,
-         "entropy": red["entropy"] / tok, "grad_norm": stats["grad_norm"],
-         "update_skipped": stats["update_skipped"], "optimizer_steps": stats["optimizer_steps"]}
-    if red["logp_diff_tokens"] > 0:
-        m["logp_diff_vllm_megatron"] = red["logp_diff"] / red["logp_diff_tokens"]
-    if red["tis_weight"]:
-        m["tis_weight_mean"] = red["tis_weight"] / tok
-    if measure_kl:
-        m["kl"] = red["kl"] / tok
-    return m
+def start_wandb(args, cfg, resume_step):
+    """wandb on the logging rank, or None. No network or no key -> offline mode; any failure ->
+    a warning and no wandb: monitoring must never stop a training run."""
+    if not args.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("warning: wandb is not installed (pip install wandb); logging to metrics.jsonl only", flush=True)
+        return None
+    id_file = os.path.join(args.out, "wandb_id.txt")
+    run_id = open(id_file).read().strip() if resume_step and os.path.isfile(id_file) else None
+    kwargs = dict(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
+                  config=dict(vars(args), model=cfg), dir=args.out)
+    online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline"
+    for mode in (["online", "offline"] if online else ["offline"]):
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+            with open(id_file, "w") as f:
+                f.write(run.id)
+            print(f"wandb: {mode} run {run.id} in project {args.wandb_project}", flush=True)
+            return run
+        except Exception as e:
+            print(f"warning: wandb {mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                  flush=True)
+    return None
 
 
 def check_logp_diff(diffs, args, rank):
@@ -2492,12 +1713,16 @@ def check_logp_diff(diffs, args, rank):
               f"{args.logp_diff_warn}): check the weight sync and the model config", flush=True)
 
 
+def time_metrics(times):
+    return {f"time_{k}": v for k, v in times.items()}
+
+
 def progress_line(m):
     """One line per step on stdout (the full record is the metrics.jsonl line)."""
     parts = [f"step {m['step']}:"]
     for key, fmt in (("reward", "reward {:.3f}"), ("loss", "loss {:.4f}"), ("kl", "kl {:.4f}"),
                      ("clip_frac", "clip {:.3f}"), ("entropy", "entropy {:.3f}"),
-                     ("logp_diff_vllm_megatron", "|logp diff| {:.4f}"), ("response_len_mean", "len {:.0f}"),
+                     ("logp_diff", "|logp diff| {:.4f}"), ("response_len_mean", "len {:.0f}"),
                      ("grad_norm", "grad {:.3g}"), ("gpu_peak_train_gib", "peak {:.1f} GiB"),
                      ("eval_accuracy", "eval_acc {:.3f}")):
         if key in m:
@@ -2506,112 +1731,206 @@ def progress_line(m):
     return " ".join(parts)
 
 
-# ==============================================================================================
-# Benchmark: what a step costs, next to what each engine does alone
-# ==============================================================================================
-def benchmark_report(args, history, engine, model, optimizer, ref, batch, ctx):
-    """Print (and write to OUT/benchmark.json) the time of each phase per step, averaged over
-    the steps after the warm-up, and the two ceilings measured in the same process: the same
-    prompts through plain `LLM.generate` (no log-probs at all), and a plain Megatron
-    forward+backward of the same rows (no optimizer step). Also the reference model's forward,
-    which a step runs only every --kl-log-interval steps when --kl-coef is 0, and the memory
-    plan's prediction next to the measured peaks. tokens/s are for the whole job (all GPUs)."""
-    timed = history[1:] or history
-    mean = {k: sum(m.get(k, 0.0) for m in timed) / len(timed) for k in timed[0]
-            if k.startswith("time_") or k.endswith("_tokens")}
-    world = dist.get_world_size()
-    # ceiling 1: vLLM alone (it is awake after the last step's sync), on the last step's prompts
-    places = range(ctx["engine_index"], args.prompts_per_step, ctx["engines"])
-    prompts = [ctx["train"][ctx["data_state"]["order"][k]] for k in places]
-    params = [ctx["sampling"](args.max_len - args.toy_prompt_len, None)] * len(prompts)
-    before = engine.counter("vllm:num_preemptions")
-
-    def job_tokens_per_s(sampling_params):
-        def run():
-            outs = engine.generate([p for p, _ in prompts], sampling_params)
-            n = torch.tensor([sum(len(s[0]) for o in outs for s in o)], device="cuda", dtype=torch.float64)
-            dist.all_reduce(n)
-            return n.item()
-        tokens, seconds = cuda_seconds(run)
-        return tokens / args.tp / seconds                 # each TP group generated its own share
-    vllm_tps = job_tokens_per_s(params)
-    plain_preemptions = None if before is None else engine.counter("vllm:num_preemptions") - before
-    # the same with a seed on every request, as the rollout asks (rollout_seed): vLLM then draws
-    # each seeded request's samples with a generator of its own, the rollout's one difference in
-    # kind from plain generate
-    seeded_tps = job_tokens_per_s([ctx["sampling"](args.max_len - args.toy_prompt_len, None,
-                                                   seed=rollout_seed(args.seed, 0, 1, k))
-                                   for k in places])
-    cache = engine.llm.llm_engine.vllm_config.cache_config
-    # ceiling 2: Megatron forward+backward alone, same rows and micro batches
-    engine.sleep(level=args.sleep_level)
-    restore_grads(model)
-    mbs = [mb for _, mb in micro_batches(batch, args.micro_batch_tokens)]
-
-    def loss_fn(logp, _ent, mb):
-        return -(logp * mb["mask"]).sum(), mb["mask"].sum().int(), {}
-    model.zero_grad_buffer()
-    _, fb_s = cuda_seconds(lambda: _run_micro_batches(model, mbs, loss_fn, False, args))
-    dp_tokens = torch.tensor([float(batch["lengths"].sum())], device="cuda", dtype=torch.float64)
-    dist.all_reduce(dp_tokens)                           # every TP/PP rank of a DP group counts it once more
-    fb_tps = dp_tokens.item() / (args.tp * args.pp) / fb_s
-    ref_s = cuda_seconds(lambda: reference_logprobs(ref, batch, args))[1] if ref is not None else None
-    # ceiling 2's complement: the optimizer step alone, on that forward+backward's gradients (-sum
-    # logp: never zero, unlike the benchmark's own, where a random model rarely earns the toy
-    # reward and most groups carry no signal), and the largest change it makes to the fp32 master
-    # weights of the first and the last tensor: the update really moves the weights at this size.
-    masters = [p for inner in _torch_optimizers(optimizer) for g in inner.param_groups for p in g["params"]]
-    probes = [masters[0], masters[-1]] if masters else []
-    before = [p.detach().to("cpu", copy=True) for p in probes]
-    _, step_s_alone = cuda_seconds(lambda: optimizer_step(model, optimizer, args))
-    moved = max((float((p.detach().cpu() - b).abs().max()) for p, b in zip(probes, before)), default=0.0)
-    step_s = sum(v for k, v in mean.items() if k.startswith("time_"))
-    plan = plan_and_pick_defaults(args, convert.qwen_config(args.benchmark), ctx["dp"], torch.cuda.mem_get_info()[1])
-    report = {"model": args.benchmark, "gpus": world, "tp": args.tp, "pp": args.pp, "prompts": args.prompts_per_step,
-              "device": torch.cuda.get_device_name(), "timed_steps": len(timed), "step_s": step_s,
-              "phases_s": {k[5:]: v for k, v in mean.items() if k.startswith("time_")},
-              "rollout_tokens_per_s": mean["generated_tokens"] / mean["time_rollout"],
-              "update_tokens_per_s": mean["train_tokens"] / mean["time_update"],
-              "ceiling_vllm_tokens_per_s": vllm_tps, "vllm_seeded_tokens_per_s": seeded_tps,
-              "ceiling_megatron_fwd_bwd_tokens_per_s": fb_tps, "megatron_fwd_bwd_s": fb_s,
-              "optimizer_step_alone_s": step_s_alone, "optimizer_step_max_weight_change": moved,
-              "grad_norms": [m.get("grad_norm") for m in history],
-              "gpu_peak_train_gib": max(m.get("gpu_peak_train_gib", 0.0) for m in history),
-              "gpu_used_rollout_gib": max(m["gpu_used_rollout_gib"] for m in history),
-              "plan_train_gib": plan["train_peak"] / 2**30, "plan_rollout_gib": plan["rollout_peak"] / 2**30,
-              "settings": {k: getattr(args, k) for k in ("micro_batch_tokens", "logits_chunk_tokens", "recompute",
-                                                          "grad_reduce_dtype", "adam_moments", "sleep_level",
-                                                          "kl_coef", "kl_log_interval", "ref_on_gpu", "max_num_seqs")},
-              "reference_forward_s": ref_s, "kv_cache_tokens": getattr(cache, "kv_cache_size_tokens", None),
-              "vllm_preemptions_per_step": sum(m.get("vllm_preemptions", 0) for m in timed) / len(timed),
-              "vllm_preemptions_plain": plain_preemptions}
-    report["rollout_share_of_ceiling"] = report["rollout_tokens_per_s"] / vllm_tps
+def log0(*a):
     if dist.get_rank() == 0:
-        print(f"benchmark: Qwen2.5-{args.benchmark} shape, random weights, {args.prompts_per_step} prompts x "
-              f"{args.n_samples_per_prompt} samples, {args.toy_prompt_len} + {args.max_len - args.toy_prompt_len} tokens, "
-              f"{world} x {report['device']}, TP {args.tp} PP {args.pp}, mean of {len(timed)} steps after a warm-up")
-        print("  settings: " + " ".join(f"{k}={v}" for k, v in report["settings"].items()))
-        for k, v in report["phases_s"].items():
-            print(f"  {k:<12} {v:8.2f} s")
-        print(f"  {'step':<12} {step_s:8.2f} s")
-        if ref_s is not None:
-            print(f"  reference forward {ref_s:.2f} s: in every step with --kl-coef > 0, else every "
-                  f"--kl-log-interval ({args.kl_log_interval}) steps")
-        print(f"  rollout {report['rollout_tokens_per_s']:,.0f} generated tok/s = "
-              f"{100 * report['rollout_share_of_ceiling']:.0f}% of plain vLLM ({vllm_tps:,.0f} tok/s); KV cache "
-              f"{report['kv_cache_tokens']} tokens; preemptions per rollout {report['vllm_preemptions_per_step']} "
-              f"(plain vLLM {plain_preemptions}); plain vLLM with a seed per request {seeded_tps:,.0f} tok/s")
-        print(f"  update {report['update_tokens_per_s']:,.0f} tok/s (optimizer step included); plain Megatron "
-              f"forward+backward {fb_tps:,.0f} tok/s ({fb_s:.2f} s); optimizer step alone {step_s_alone:.2f} s, "
-              f"largest change of a master weight {moved:.3g}; grad norms of the steps "
-              + " ".join(f"{g:.3g}" for g in report["grad_norms"] if g is not None))
-        print(f"  GPU memory: train peak {report['gpu_peak_train_gib']:.1f} GiB (plan {report['plan_train_gib']:.1f}), "
-              f"rollout {report['gpu_used_rollout_gib']:.1f} GiB (plan {report['plan_rollout_gib']:.1f}) "
-              f"of {torch.cuda.mem_get_info()[1] / 2**30:.1f} GiB")
-        with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+        print(*a, flush=True)
+
+
+# ==============================================================================================
+# Arguments
+# ==============================================================================================
+def parse_args(argv):
+    p = prepare.one_line_errors(argparse.ArgumentParser(
+        description="GRPO training: Megatron-Core trains, a colocated vLLM rolls out. Run under torchrun "
+                    "(see the top of grpo.py)."))
+    g = p.add_argument_group("I/O")
+    g.add_argument("--load", help="Megatron checkpoint of the initial policy (convert.py output); required")
+    g.add_argument("--hf-dir", help="HF folder of the same model: config.json (for vLLM) and tokenizer; required")
+    g.add_argument("--data", default="dataset/MATH-lighteval", help="folder with prepare.py's train.json / test.json")
+    g.add_argument("--reward", default="prepare:math_reward",
+                   help="the task's reward, MODULE:FUNCTION importable from the current folder or PYTHONPATH, called as "
+                        "FUNCTION(response, ground_truth, timeout_s=...) -> float or (float, correct) (see prepare.load_reward)")
+    g.add_argument("--out", default="grpo-out", help="folder for metrics.jsonl, checkpoints/ and final/")
+    g.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (0: only the final policy)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start from --load; refused if OUT/checkpoints holds a run (default: resume from the newest)")
+    g.add_argument("--wandb-project", default=None, help="log to this wandb project (run.sh sets it when enable_wandb=True)")
+    g.add_argument("--wandb-name", default=None, help="wandb run name")
+    g.add_argument("--model-size", default="custom", help="Qwen2.5 size to check the checkpoint against, or custom")
+    g = p.add_argument_group("GRPO (defaults follow the reference pipeline)")
+    g.add_argument("--steps", type=int, default=100, help="training steps (one rollout batch each)")
+    g.add_argument("--prompts-per-step", type=int, default=64, help="prompts per rollout batch")
+    g.add_argument("--n-samples-per-prompt", type=int, default=32, help="group size G of GRPO")
+    g.add_argument("--max-len", type=int, default=2048,
+                   help="prompt + response tokens at most: each prompt may be answered with max-len minus its length")
+    g.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are dropped (and counted)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    g.add_argument("--clip-ratio", type=float, default=0.2,
+                   help="PPO clip epsilon, both sides (acts only with several optimizer steps per batch)")
+    g.add_argument("--clip-ratio-low", type=float, default=None, help="lower clip epsilon (default --clip-ratio)")
+    g.add_argument("--clip-ratio-high", type=float, default=None,
+                   help="upper clip epsilon (default --clip-ratio; DAPO's clip-higher: 0.28)")
+    g.add_argument("--clip-ratio-c", type=float, default=None,
+                   help="dual-clip PPO: cap the loss of a token with a negative advantage at C * |A| (must be > 1; "
+                        "default off; verl's clip_ratio_c, 3 there; acts only with several optimizer steps per batch)")
+    g.add_argument("--mini-batches", type=int, default=1,
+                   help="optimizer steps per pass over a rollout batch (shuffled mini-batches)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch (the GRPO paper's mu)")
+    g.add_argument("--loss-agg", default="token-mean", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+                   help="how token losses become the batch loss (see loss_weights)")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the initial policy in the loss")
+    g.add_argument("--kl-log-interval", type=int, default=10,
+                   help="with --kl-coef 0, measure the KL to the initial policy every N steps (0: never, and no "
+                        "reference model is kept); with --kl-coef > 0 it is part of the loss, so every step")
+    g.add_argument("--no-std-norm", action="store_true", help="advantages without std scaling (Dr. GRPO)")
+    g.add_argument("--old-logp-pass", action="store_true",
+                   help="compute old log-probs in a separate forward before the update even with one optimizer step "
+                        "per batch (default: the update's own forward, exact in that case; see update_step)")
+    g.add_argument("--filter-groups", action="store_true",
+                   help="DAPO dynamic sampling: drop groups whose rewards are all equal and roll out more prompts")
+    g.add_argument("--filter-max-rounds", type=int, default=4, help="rollout rounds per step at most with --filter-groups")
+    g.add_argument("--overlong-filter", action="store_true", help="truncated answers stay out of the loss (DAPO)")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="DAPO soft overlong punishment: the last N tokens of each answer's budget cost reward")
+    g.add_argument("--overlong-penalty", type=float, default=1.0, help="reward lost at the end of the budget")
+    g.add_argument("--tis-cap", type=float, default=0.0,
+                   help="truncated importance sampling: weight tokens by min(p_trainer / p_vllm, CAP) (0: off; "
+                        "asks vLLM for log-probs of every sample)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=2e-6, help="constant learning rate")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (not on norms and biases)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    g.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false",
+                   help="replicate optimizer state on every DP rank instead of sharding it")
+    memory.add_arguments(p)
+    g = p.add_argument_group("parallelism and engine")
+    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: the same loop without GPUs (gloo, fp32, a plain PyTorch engine instead of vLLM; slow, "
+                        "for learning and tests; see start_device)")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron and vLLM)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron; vLLM holds the whole model)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of GPU memory (default: what is free after the trainer offloads, minus 10%% of "
+                        "the GPU and what grows beside vLLM after the first update; see memory.rollout_reserve)")
+    g.add_argument("--sleep-level", type=int, default=None, choices=(1, 2),
+                   help="vLLM sleep between rollouts: 2 (default) drops its weights (the sync rewrites them "
+                        "anyway), 1 keeps a copy in host memory")
+    g.add_argument("--max-num-seqs", type=int, default=1024,
+                   help="the engine's batch of concurrent sequences (vLLM, or the CPU engine's rows at once)")
+    g.add_argument("--reward-workers", type=int, default=4, help="processes running the reward per engine")
+    g = p.add_argument_group("checks, eval and logging")
+    g.add_argument("--logp-diff-warn", type=float, default=0.1,
+                   help="warn when vLLM's and Megatron's log-probs of the sampled tokens differ more (per token)")
+    g.add_argument("--logp-diff-stop", type=float, default=0.25,
+                   help="stop when they differ more in each of the first 3 steps (0: never stop)")
+    g.add_argument("--eval-interval", type=int, default=10, help="evaluate every N steps and before the first (0: never)")
+    g.add_argument("--eval-prompts", type=int, default=500, help="test prompts per evaluation")
+    g.add_argument("--eval-temperature", type=float, default=0.6,
+                   help="0: greedy (most published MATH numbers); else sampled with --eval-top-p/--eval-top-k")
+    g.add_argument("--eval-top-p", type=float, default=0.95)
+    g.add_argument("--eval-top-k", type=int, default=20)
+    g.add_argument("--seed", type=int, default=1234, help="data order, and every step's sampling (see rollout_seed)")
+    g.add_argument("--trace", action="store_true", help="every rank prints each phase it enters (to locate hangs)")
+    g.add_argument("--toy-token", type=int, default=None,
+                   help="toy task: random prompts, reward = fraction of completion tokens equal to this id")
+    g.add_argument("--toy-prompt-len", type=int, default=8)
+    g.add_argument("--check-flags", action="store_true",
+                   help="check the flags (and the layout, with WORLD_SIZE set) and exit; touches no file or GPU")
+    bench.add_arguments(p)
+    a = p.parse_args(argv)
+    check_values(a)
+    a.reward_fn = prepare.load_reward(a.reward)
+    if a.benchmark and a.filter_groups:
+        raise UserError("--filter-groups changes the benchmark's workload; time it on a training run")
+    if a.benchmark:
+        bench.set_workload(a)
+        return a
+    if a.check_flags or a.memory_plan:
+        return a
+    if not a.load or not a.hf_dir:
+        raise UserError("--load and --hf-dir are required (or --benchmark SIZE for random weights)")
+    if not os.path.isdir(a.load) or not os.path.isfile(os.path.join(a.load, "metadata.json")):
+        raise UserError(f"--load {a.load} is not a Megatron checkpoint (convert.py ... false ... writes one)")
+    if not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
+        raise UserError(f"--hf-dir {a.hf_dir} has no config.json")
+    return a
+
+
+def check_values(a):
+    """The flag checks that need no file and no GPU (also what --check-flags runs)."""
+    memory.check_device_flags(a)
+    a.clip_ratio_low = a.clip_ratio if a.clip_ratio_low is None else a.clip_ratio_low
+    a.clip_ratio_high = a.clip_ratio if a.clip_ratio_high is None else a.clip_ratio_high
+    positive = {"--steps": a.steps, "--prompts-per-step": a.prompts_per_step, "--max-len": a.max_len,
+                "--keep-last": a.keep_last, "--mini-batches": a.mini_batches, "--epochs": a.epochs,
+                "--filter-max-rounds": a.filter_max_rounds, "--tp": a.tp, "--pp": a.pp, "--max-num-seqs": a.max_num_seqs,
+                "--benchmark-steps": a.benchmark_steps + 1, "--benchmark-prompts": a.benchmark_prompts}
+    for name, v in positive.items():
+        if v < 1:
+            raise UserError(f"{name} must be >= 1" if name != "--benchmark-steps" else "--benchmark-steps must be >= 0")
+    non_negative = {"--kl-log-interval": a.kl_log_interval, "--kl-coef": a.kl_coef, "--save-interval": a.save_interval,
+                    "--eval-interval": a.eval_interval, "--eval-prompts": a.eval_prompts, "--lr": a.lr,
+                    "--weight-decay": a.weight_decay, "--grad-clip": a.grad_clip, "--clip-ratio-low": a.clip_ratio_low,
+                    "--clip-ratio-high": a.clip_ratio_high, "--tis-cap": a.tis_cap, "--overlong-buffer": a.overlong_buffer,
+                    "--logits-chunk-tokens": a.logits_chunk_tokens or 0, "--eval-temperature": a.eval_temperature,
+                    "--logp-diff-stop": a.logp_diff_stop, "--reward-workers": a.reward_workers}
+    for name, v in non_negative.items():
+        if v < 0:
+            raise UserError(f"{name} must be >= 0")
+    if a.n_samples_per_prompt < 2:
+        raise UserError("--n-samples-per-prompt must be >= 2: GRPO's baseline is the mean of the other samples")
+    if a.max_prompt_len >= a.max_len:
+        raise UserError("--max-prompt-len must be smaller than --max-len (room is needed for the response)")
+    if a.temperature <= 0:
+        raise UserError("--temperature must be > 0: GRPO needs sampled, different answers per prompt")
+    if a.clip_ratio_low >= 1:
+        raise UserError("--clip-ratio-low must be < 1")
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        raise UserError("--clip-ratio-c must be > 1 (it caps the loss at C * |A|, above the PPO clip's; "
+                        "leave it out for no dual clip)")
+    if a.tis_cap and a.tis_cap < 1:
+        raise UserError("--tis-cap must be >= 1 (or 0 for off)")
+    if a.micro_batch_tokens is not None and a.micro_batch_tokens < a.max_len:
+        raise UserError(f"--micro-batch-tokens {a.micro_batch_tokens} is less than --max-len {a.max_len}: "
+                        "a full-length row must fit one micro batch")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization < 1:
+        raise UserError("--gpu-memory-utilization is a share between 0 and 1")
+    if not 0 < a.eval_top_p <= 1:
+        raise UserError("--eval-top-p must be in (0, 1]")
+    if a.overlong_buffer >= a.max_len - a.max_prompt_len:
+        raise UserError("--overlong-buffer must be smaller than the response budget (--max-len - --max-prompt-len)")
+    if a.mini_batches > a.n_samples_per_prompt * a.prompts_per_step:
+        raise UserError("--mini-batches is larger than the samples of a step")
+    world = a.world_size or (int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None)
+    if world is not None:
+        if world % (a.tp * a.pp):
+            raise UserError(f"{world} GPUs cannot be split into TP={a.tp} x PP={a.pp} groups")
+        if not a.benchmark:
+            rollout_layout(a.prompts_per_step, world, a.tp, a.pp)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.check_flags:
+            print("grpo.py flags ok")
+            return
+        if args.memory_plan:
+            return memory.print_memory_plan(args)
+        run(args)
+    except UserError as e:
+        prepare.die(str(e))
+    except Exception as e:              # out of memory outside a step's phases
+        hint = memory.out_of_memory_hint(e, "set-up")
+        if hint is None:
+            raise
+        prepare.die(str(hint))
 
 
 if __name__ == "__main__":
-    main()
+    # run as the module `grpo`, the one bench.py imports, rather than as a second copy named __main__
+    import grpo
+    grpo.main()

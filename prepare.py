@@ -31,12 +31,15 @@ import argparse
 import atexit
 import collections
 import glob
+import importlib
+import inspect
 import json
 import math
 import multiprocessing
 import multiprocessing.connection
 import numbers
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -49,6 +52,10 @@ MODELSCOPE_DATASET = "AI-ModelScope/MATH-lighteval"
 # the model has to learn to put its answer there.
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 COLUMNS = ("problem", "level", "type", "solution")
+
+
+class UserError(Exception):
+    """Bad input from the user: main() prints it as one line and exits 1."""
 
 
 def die(msg):
@@ -163,6 +170,49 @@ def reward_and_correct(value, top_score=1.0):
     if not math.isfinite(score):
         raise ValueError(f"returned the score {score}; a reward must be a finite number")
     return score, correct
+
+
+def load_reward(spec):
+    """The reward function that --reward MODULE:FUNCTION names; UserError in one line when it cannot
+    be imported or called, so that --check-flags (run.sh's step 0) stops a typo before any download.
+
+    MODULE is imported by name, from the current folder or PYTHONPATH: the reward worker processes
+    import it again by that name (forkserver sends functions by reference), so FUNCTION must be a
+    `def` at MODULE's top level. It is called as FUNCTION(response, ground_truth, timeout_s=...)
+    and returns a float or a (float, correct) pair (see reward_and_correct)."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UserError(f"--reward {spec!r} is not MODULE:FUNCTION (e.g. prepare:math_reward)")
+    if module_name.endswith(".py") or os.sep in module_name:
+        raise UserError(f"--reward {spec}: name the module, not its file ({os.path.basename(module_name).removesuffix('.py')}:{name}), "
+                        "and run from its folder or put that folder on PYTHONPATH")
+    if os.getcwd() not in sys.path:      # a script's imports see its own folder, not the current one
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UserError(f"--reward {spec}: cannot import {module_name} ({type(e).__name__}: {e}); it must be importable "
+                        "from the current folder or PYTHONPATH") from None
+    if not hasattr(module, name):
+        raise UserError(f"--reward {spec}: {module_name} ({module.__file__}) has no function {name}")
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {module_name}.{name} is a {type(fn).__name__}, not a function")
+    try:
+        inspect.signature(fn).bind("response", "ground truth", timeout_s=5)
+    except TypeError as e:
+        raise UserError(f"--reward {spec}: it cannot be called as {name}(response, ground_truth, timeout_s=...) ({e}); "
+                        f"define it as def {name}(response, ground_truth, **extra)") from None
+    except ValueError:
+        pass                             # no signature to read (a builtin): its first call will tell
+    try:
+        pickle.dumps(fn)
+    except Exception as e:
+        raise UserError(f"--reward {spec}: the reward workers cannot import it by name ({e}); define it with def at the "
+                        f"top level of {module_name}") from None
+    if not isinstance(getattr(fn, "top_score", 1.0), (int, float)):
+        raise UserError(f"--reward {spec}: {name}.top_score is {fn.top_score!r}, not a number")
+    return fn
 
 
 def judge(reward_fn, response, ground_truth, timeout_s):
@@ -414,6 +464,23 @@ def make_row(problem, solution, level, type_, split, index, answer_format="boxed
         "reward_model": {"style": "rule", "ground_truth": truth},
         "extra_info": {"split": split, "index": index, "level": level, "type": type_},
     }
+
+
+def load_prompt_file(path):
+    """(messages, ground_truth) pairs from prepare.py's JSON lines."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run `python prepare.py --input_dir ... --local_dir {os.path.dirname(path)}`")
+    rows = []
+    with open(path) as f:
+        for k, line in enumerate(f):
+            try:
+                r = json.loads(line)
+                rows.append((r["prompt"], r["reward_model"]["ground_truth"]))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {k + 1} is not a prepare.py record (prompt, reward_model.ground_truth)")
+    if not rows:
+        raise UserError(f"{path} is empty")
+    return rows
 
 
 def write_jsonl(rows, path):
