@@ -348,7 +348,7 @@ def run(args):
                 # ---- 5. policy update (and checkpoint) ---------------------------------------------
                 with phase(ctx, step, "update"):
                     stats = train_on_batch(model, optimizer, batch, args, shuffle_rng(args, step))
-            m.update(step_metrics(reduce_stats(stats, ctx), stats, measure_kl))
+                    m.update(step_metrics(reduce_stats(stats, ctx), stats, measure_kl))
             if args.save_interval and (step % args.save_interval == 0 or step == args.steps):
                 with phase(ctx, step, "save"):
                     save_checkpoint(ctx["ckpt_root"], step, model, optimizer, cfg, train_state(ctx, m), args.keep_last)
@@ -375,7 +375,6 @@ def run(args):
         bench.report(args, ctx, engine, model, optimizer, ref, batch)
     else:
         save_final(ctx, model, cfg)
-        del engine, ctx["engine"]                       # vLLM ends before the process groups it uses
     convert.shutdown_distributed()
 
 
@@ -392,6 +391,8 @@ def phase(ctx, step, name, timed=True):
         yield
         if ctx["gpu"]:
             torch.cuda.synchronize()
+    except UserError:
+        raise
     except Exception as e:
         hint = memory.out_of_memory_hint(e, name)
         if hint is None:
@@ -741,12 +742,16 @@ def create_engine(args, cfg):
     """This rank's share of its TP group's rollout engine: vLLM on GPUs, sized from what the GPU
     has free now (the trainer's state is in host memory at this point); TorchEngine with --device
     cpu."""
+    t0 = time.time()
     if args.device == "cpu":
-        return TorchEngine(args.hf_dir, args.max_num_seqs, args.seed)
-    free, total = torch.cuda.mem_get_info()
-    util = args.gpu_memory_utilization or max(0.05, (free - memory.rollout_reserve(total)) / total)
-    log0(f"GPU: {free / GIB:.1f} of {total / GIB:.1f} GiB free after offload; vLLM gets {util:.2f}")
-    return VLLMEngine(args, cfg, util)
+        engine = TorchEngine(args.hf_dir, args.max_num_seqs, args.seed)
+    else:
+        free, total = torch.cuda.mem_get_info()
+        util = args.gpu_memory_utilization or max(0.05, (free - memory.rollout_reserve(total)) / total)
+        log0(f"GPU: {free / GIB:.1f} of {total / GIB:.1f} GiB free after offload; vLLM gets {util:.2f}")
+        engine = VLLMEngine(args, cfg, util)
+    log0(f"{type(engine).__name__} up in {time.time() - t0:.0f}s")
+    return engine
 
 
 # ==============================================================================================

@@ -530,6 +530,7 @@ MEMORY_KNOBS = {
     "start vLLM": "lower --gpu-memory-utilization or --max-num-seqs, or use a larger --tp",
     "rollout": "lower --max-num-seqs or --max-len",
     "wake": "lower --gpu-memory-utilization; add --adam-moments host",
+    "sync": "lower --gpu-memory-utilization; add --adam-moments host",
     "ref_logp": "lower --micro-batch-tokens or --logits-chunk-tokens",
     "old_logp": "lower --micro-batch-tokens or --logits-chunk-tokens",
     "update": "lower --micro-batch-tokens or --logits-chunk-tokens, add --recompute full, "
