@@ -21,7 +21,6 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import memory  # noqa: E402
 import prepare  # noqa: E402
 
 gpu = pytest.mark.skipif(
@@ -1514,6 +1513,7 @@ def test_memory_plan_activation_bytes_match_what_the_layers_keep(variants):
 
 def plan_for(size, gpu_gib, *flags):
     """grpo's memory plan of a Qwen2.5 size on one GPU; returns (plan, the settings it picked)."""
+    import memory
     import grpo
     import convert
     args = grpo.parse_args(["--memory-plan", size, "--gpu-gib", str(gpu_gib), *flags])
@@ -1552,6 +1552,7 @@ def variants_main(argv):
     """`test_grpo.py variants CKPT HF_DIR OUT_PREFIX [flags]`: GRPO updates of a hand-made batch
     (two prompts, two answers each, 1 to 4 response tokens) under several switches, each from a
     fresh trainer; writes OUT_PREFIX.RANK.json. With DP 2 each rank takes half the rows."""
+    import memory
     import math
     import torch
     import convert
@@ -1877,6 +1878,7 @@ def test_check_flags_validates_the_layout_without_files_or_gpus():
 
 
 def test_gpu_out_of_memory_in_any_phase_is_one_line_naming_its_knobs(monkeypatch, capsys):
+    import memory
     import torch
     import grpo
 
@@ -2759,6 +2761,7 @@ def test_gpu_streamed_adam_step_is_adamw_with_its_moments_on_the_gpu():
     neighbours that do and do not fit in its room together; four steps with fresh gradients, a
     parameter without a gradient in one of them. Weights and moments bitwise equal, and the
     moments at home in page-locked host memory between steps."""
+    import memory
     import types
     import torch
     torch.manual_seed(0)
@@ -2806,6 +2809,7 @@ def actbytes_main(argv):
     a 2-layer and a 1-layer model of each Qwen2.5 shape; (2) the GPU memory a forward+backward of
     an 8192-token micro batch adds at its peak (grpo's update_step, stopped before the optimizer
     step), for the 7B shape with 2 and 4 layers."""
+    import memory
     import torch
     import convert
     import grpo
@@ -2857,6 +2861,7 @@ def actbytes_main(argv):
 def adam_main(argv):
     """`test_grpo.py adam CKPT HF_DIR OUT_JSON` (GPU): two updates with the Adam moments on the GPU
     and with them streamed from host memory, from the same checkpoint."""
+    import memory
     import convert
     import grpo
     ckpt, hf_dir, out = argv[:3]
@@ -3026,6 +3031,7 @@ def test_gpu_run_sh_end_to_end_killed_in_step_4_resumes_redoes_step_3_alike_and_
 
 def optimizer_tensors(optimizer):
     """Copies of the master weights and Adam moments, param by param, state keys sorted."""
+    import memory
     import torch
     out = []
     for inner in memory.torch_optimizers(optimizer):
